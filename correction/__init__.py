@@ -1,0 +1,1 @@
+"""The torch science core of mecs: host models, networks, emulator, training."""

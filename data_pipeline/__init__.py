@@ -1,0 +1,1 @@
+"""xarray/dask/zarr stages: the synthetic benchmark, increments, statistics, stores."""

@@ -1,0 +1,3 @@
+from mecs.cli import main
+
+raise SystemExit(main())
