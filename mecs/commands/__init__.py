@@ -1,0 +1,1 @@
+"""One module per ``mecs`` subcommand; each defines ``register(sub)``."""
