@@ -28,3 +28,30 @@ def tiny_synth(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("synth") / "bench"
     generate(tiny_config, out, progress=False, log=lambda _: None)
     return out
+
+
+def make_l96_model(seed: int = 0, K: int = 36, network: str = "stencil-cnn"):
+    """A small untrained l96 correction model with plausible statistics."""
+    import torch
+
+    from correction.artifacts import build_config
+    from correction.layout import ModelLayout
+    from correction.networks import CorrectionModel
+
+    torch.manual_seed(seed)
+    layout = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": K}, {"X": "1"})
+    params = {"hidden": 16, "depth": 3} | ({"kernel": 5} if network == "stencil-cnn" else {})
+    model = CorrectionModel(network, params, 1, 1, 1)
+    model.set_normalisation([2.5], [3.6], [-0.4], [1.8])
+    config = build_config(model, layout, params, training={"mode": "test"})
+    return model, config
+
+
+@pytest.fixture
+def l96_repository(tmp_path):
+    """A model repository holding model 'l96' version 1 (untrained, small)."""
+    from correction.artifacts import publish
+
+    model, config = make_l96_model()
+    publish(tmp_path / "models", "l96", model, config)
+    return tmp_path / "models"
