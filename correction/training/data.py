@@ -1,0 +1,142 @@
+"""Streaming increment samples from a zarr store into training batches.
+
+The store is chunked along ``sample``; an epoch visits the chunks in a seeded
+random order, holds a few chunks at a time in a shuffle buffer and yields
+mini-batches from it, so memory is bounded by ``buffer_chunks`` chunks whatever the
+store's size. The order depends only on ``(seed, epoch)``, which makes a resumed
+run see exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from correction.layout import ModelLayout
+
+
+@dataclass
+class IncrementSource:
+    """Random access to one increment store (state and target per field)."""
+
+    path: Path
+    layout: ModelLayout
+    attrs: dict[str, Any]
+    stats: dict[str, Any]
+    split: np.ndarray
+    chunk: int
+
+    @classmethod
+    def open(cls, path: str | Path, fields: list[str] | None = None) -> IncrementSource:
+        from data_pipeline import open_increments, read_stats
+
+        ds = open_increments(path)  # refuses incomplete stores
+        stats = read_stats(path)
+        attrs = dict(ds.attrs)
+        all_fields = attrs["fields"]
+        all_fields = json.loads(all_fields) if isinstance(all_fields, str) else list(all_fields)
+        fields = fields or all_fields
+        unknown = [f for f in fields if f not in all_fields]
+        if unknown:
+            raise ValueError(f"store {path} has no field(s) {unknown}; fields: {all_fields}")
+        level_dims = {f: list(stats.get("level_dims", {}).get(f, [])) for f in fields}
+        layout = ModelLayout.from_dataset(ds, fields, level_dims)
+        split = np.asarray(ds["split"].values).astype(str)
+        chunk = int(ds[f"state_{fields[0]}"].encoding.get("chunks", (len(split),))[0])
+        return cls(Path(path), layout, attrs, stats, split, chunk)
+
+    def indices(self, split: str) -> np.ndarray:
+        idx = np.flatnonzero(self.split == split)
+        if len(idx) == 0:
+            raise ValueError(f"store {self.path} has no '{split}' samples")
+        return idx
+
+    def normalisation(self) -> tuple[np.ndarray, ...]:
+        """Per-channel (in_mean, in_std, out_mean, out_std) from stats.json."""
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("im", "is", "om", "os")}
+        for f in self.layout.fields:
+            s = self.stats["fields"][f]
+            n = self.layout.n_levels(f)
+            for key, role, stat in [("im", "state", "mean"), ("is", "state", "std"),
+                                    ("om", "target", "mean"), ("os", "target", "std")]:  # fmt: skip
+                v = np.broadcast_to(np.asarray(s[role][stat], dtype=np.float64).ravel(), (n,))
+                parts[key].append(v)
+        out = [np.concatenate(parts[k]) for k in ("im", "is", "om", "os")]
+        for arr in (out[1], out[3]):
+            arr[arr <= 0] = 1.0  # a constant channel: leave it unscaled
+        return tuple(out)
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Packed (state, target) ``[n, C, *H]`` float32 for samples ``lo:hi``."""
+        group = zarr.open_group(str(self.path), mode="r")
+        xs, ys = [], []
+        hshape = self.layout.horizontal_shape
+        for f in self.layout.fields:
+            n = self.layout.n_levels(f)
+            xs.append(np.asarray(group[f"state_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
+            ys.append(np.asarray(group[f"target_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
+        return (np.concatenate(xs, axis=1).astype(np.float32),
+                np.concatenate(ys, axis=1).astype(np.float32))  # fmt: skip
+
+    def read_indices(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples at sorted indices, read chunk by chunk."""
+        if len(idx) == 0:
+            shape = (0, self.layout.channels, *self.layout.horizontal_shape)
+            return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        x, y = self.read(int(idx[0]), int(idx[-1]) + 1)
+        return x[idx - idx[0]], y[idx - idx[0]]
+
+
+class BatchStream:
+    """Shuffled mini-batches of one split, streamed chunk by chunk."""
+
+    def __init__(
+        self,
+        source: IncrementSource,
+        split: str,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        buffer_chunks: int = 4,
+    ) -> None:
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.shuffle, self.buffer_chunks = shuffle, buffer_chunks
+        idx = source.indices(split)
+        self.groups = [g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1)
+                       if len(g)]  # fmt: skip
+        self.n_samples = len(idx)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.groups)) if self.shuffle else range(len(self.groups))
+        order = list(order)
+        carry_x = carry_y = None
+        for start in range(0, len(order), self.buffer_chunks):
+            parts = [self.source.read_indices(self.groups[i])
+                     for i in order[start : start + self.buffer_chunks]]  # fmt: skip
+            x = np.concatenate([p[0] for p in parts])
+            y = np.concatenate([p[1] for p in parts])
+            if carry_x is not None:
+                x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
+            if self.shuffle:
+                perm = rng.permutation(len(x))
+                x, y = x[perm], y[perm]
+            last = start + self.buffer_chunks >= len(order)
+            n_full = len(x) if last else (len(x) // self.batch_size) * self.batch_size
+            for b in range(0, n_full, self.batch_size):
+                yield (
+                    torch.from_numpy(x[b : b + self.batch_size]),
+                    torch.from_numpy(y[b : b + self.batch_size]),
+                )
+            carry_x, carry_y = x[n_full:], y[n_full:]

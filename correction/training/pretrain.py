@@ -1,0 +1,212 @@
+"""Offline (a priori) pretraining on an increment store.
+
+The network learns ``target = increment / window`` from the state at the start of
+the window (Farchi et al. 2024). Streams the store, validates on its ``val`` split
+with early stopping, reduces the learning rate on plateaus, is deterministic for
+a seed, checkpoints every epoch and resumes after a kill, then publishes the best
+weights as a new model version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from correction import artifacts
+from correction.networks import CorrectionModel
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import BatchStream, IncrementSource
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of ``mecs pretrain`` (a JSON/TOML ``--config`` file overrides them)."""
+
+    network: str = "stencil-cnn"
+    params: dict[str, Any] = field(default_factory=lambda: {"hidden": 64, "depth": 3, "kernel": 5})
+    fields: list[str] | None = None
+    batch_size: int = 128
+    max_epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    lr_factor: float = 0.5
+    lr_patience: int = 2
+    early_stopping: int = 6
+    min_delta: float = 1e-4
+    buffer_chunks: int = 4
+    seed: int = 0
+    threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown pretrain setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PretrainResult:
+    version: artifacts.ModelVersion
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    resumed_from: int | None
+    history: list[dict[str, float]]
+    wall_time: float
+
+
+def _run_key(source: IncrementSource, cfg: PretrainConfig) -> str:
+    body = json.dumps([source.attrs.get("content_hash"), cfg.to_dict()], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def evaluate_loss(model: CorrectionModel, stream: BatchStream) -> float:
+    """Mean squared error in normalised target units over a whole split."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in stream.epoch(0):
+            yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
+            total += float(((model.forward_normalised(x) - yn) ** 2).sum())
+            count += yn.numel()
+    return total / max(count, 1)
+
+
+def pretrain(
+    data: str | Path,
+    repository: str | Path,
+    name: str,
+    cfg: PretrainConfig | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> PretrainResult:
+    """Train on ``data`` and publish ``repository/name/<next version>``.
+
+    ``work_dir`` holds the resumable checkpoint (default: a hidden directory under
+    ``repository/name`` keyed by data hash and settings), removed after publishing.
+    ``stop_after_epochs`` ends the run early without publishing (tests use it to
+    simulate a kill at an epoch boundary); it returns None then.
+    """
+    cfg = cfg or PretrainConfig()
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    source = IncrementSource.open(data, cfg.fields)
+    layout = source.layout
+    torch.manual_seed(cfg.seed)
+    model = CorrectionModel(cfg.network, cfg.params, layout.channels, layout.channels,
+                            len(layout.horizontal_dims))  # fmt: skip
+    model.set_normalisation(*source.normalisation())
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optim, factor=cfg.lr_factor, patience=cfg.lr_patience
+    )
+    train = BatchStream(source, "train", cfg.batch_size, cfg.seed, True, cfg.buffer_chunks)
+    val = BatchStream(source, "val", 4096, cfg.seed, False, cfg.buffer_chunks)
+
+    artifacts.check_name(name)
+    work = (
+        Path(work_dir) if work_dir else Path(repository) / name / f".train-{_run_key(source, cfg)}"
+    )
+    ckpt = work / "checkpoint"
+    history: list[dict[str, float]] = []
+    best_val, best_epoch, bad_epochs, start_epoch = math.inf, -1, 0, 0
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = load_checkpoint(ckpt, ["model", "best"])
+    if resumed is not None:
+        tensors, states, prog = resumed
+        model.load_state_dict(tensors["model"])
+        best_state = tensors["best"]
+        optim.load_state_dict(states["optimizer"])
+        sched.load_state_dict(states["scheduler"])
+        history, best_val = prog["history"], prog["best_val"]
+        best_epoch, bad_epochs, start_epoch = prog["best_epoch"], prog["bad_epochs"], prog["epoch"]
+    resumed_from = start_epoch if resumed is not None else None
+
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.max_epochs):
+        if bad_epochs >= cfg.early_stopping:
+            break
+        if stop_after_epochs is not None and epoch >= stop_after_epochs:
+            return None  # type: ignore[return-value]
+        model.train()
+        torch.manual_seed(cfg.seed * 100003 + epoch)
+        total, count = 0.0, 0
+        bar = tqdm(train.epoch(epoch), total=len(train), desc=f"epoch {epoch + 1}",
+                   disable=not progress, leave=False, mininterval=0.5)  # fmt: skip
+        for x, y in bar:
+            yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
+            loss = torch.mean((model.forward_normalised(x) - yn) ** 2)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            total += float(loss) * len(x)
+            count += len(x)
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        val_loss = evaluate_loss(model, val)
+        sched.step(val_loss)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
+                        "val_loss": val_loss, "lr": optim.param_groups[0]["lr"]})  # fmt: skip
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: train {total / max(count, 1):.4f} val {val_loss:.4f}")
+        if val_loss < best_val - cfg.min_delta:
+            best_val, best_epoch, bad_epochs = val_loss, epoch + 1, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        save_checkpoint(
+            ckpt,
+            {"model": model.state_dict(), "best": best_state},
+            {"optimizer": optim.state_dict(), "scheduler": sched.state_dict()},
+            {
+                "epoch": epoch + 1,
+                "history": history,
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+            },  # fmt: skip
+        )
+
+    model.load_state_dict(best_state)
+    model.eval()
+    target_std = float(np.sqrt(np.mean(source.normalisation()[3] ** 2)))
+    config = artifacts.build_config(
+        model,
+        layout,
+        cfg.params,
+        training={
+            "stage": "pretrain",
+            "mode": "one-step",
+            "data": str(Path(data).absolute()),
+            "data_hash": source.attrs.get("content_hash"),
+            "window": source.attrs.get("window"),
+            "settings": cfg.to_dict(),
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "history": history,
+        },
+        metrics={"val_loss": best_val, "val_rmse": math.sqrt(best_val) * target_std},
+        parent=None,
+    )
+    mv = artifacts.publish(repository, name, model, config)
+    shutil.rmtree(work, ignore_errors=True)
+    return PretrainResult(mv, best_epoch, best_val, len(history), resumed_from, history,
+                          time.perf_counter() - t0)  # fmt: skip
