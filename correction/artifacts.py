@@ -164,6 +164,25 @@ def publish(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save(path: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> Path:
+    """Write one artifact directory at ``path`` atomically (for emulators and the like)."""
+    path = Path(path)
+    if path.exists():
+        raise ArtifactError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        body = dict(config, weights_sha256=_sha256(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -79,6 +79,47 @@ class StencilCNN(nn.Module):
         return self.net(x)
 
 
+@register_network("bilinear-cnn")
+class BilinearCNN(nn.Module):
+    """Stencil convolutions with a multiplicative layer (after Brajard et al. 2020).
+
+    Advection terms are products of neighbouring values; a product of two
+    convolution outputs represents them exactly where a stack of smooth
+    activations only approximates them. The emulator of a host's step uses it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n_horizontal: int = 1,
+        hidden: int = 24,
+        kernel: int = 5,
+        periodic: bool = True,
+        depth: int = 2,
+        activation: str = "gelu",
+    ) -> None:
+        super().__init__()
+        if n_horizontal not in (1, 2):
+            raise ValueError(f"bilinear-cnn supports 1 or 2 horizontal dims, got {n_horizontal}")
+        conv = nn.Conv1d if n_horizontal == 1 else nn.Conv2d
+        mode = "circular" if periodic else "zeros"
+        self.hidden = hidden
+        self.stencil = conv(in_channels, 3 * hidden, kernel, padding=kernel // 2,
+                            padding_mode=mode)  # fmt: skip
+        layers: list[nn.Module] = []
+        width = 2 * hidden
+        for _ in range(depth - 1):
+            layers += [conv(width, hidden, 1), _activation(activation)]
+            width = hidden
+        layers.append(conv(width, out_channels, 1))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = torch.split(self.stencil(x), self.hidden, dim=1)
+        return self.head(torch.cat([a, b * c], dim=1))
+
+
 @register_network("column-mlp")
 class ColumnMLP(nn.Module):
     """Column-wise MLP in the IFS style: every horizontal point is a sample.

@@ -37,7 +37,7 @@ class PretrainConfig:
     network: str = "stencil-cnn"
     params: dict[str, Any] = field(default_factory=lambda: {"hidden": 64, "depth": 3, "kernel": 5})
     fields: list[str] | None = None
-    batch_size: int = 128
+    batch_size: int = 256
     max_epochs: int = 40
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -1,0 +1,336 @@
+"""Online fine-tuning: the corrected model unrolled in time against later analyses.
+
+Every mode compares the corrected trajectory with the *analyses* at the following
+analysis times (never the truth, which is unknown in operations). Modes differ in
+where the forward values and the gradients come from (List et al. 2024, Holl et al.
+2022, Frezat et al. 2023):
+
+=============== ============================ =====================================
+mode            forward values               gradients through time
+=============== ============================ =====================================
+one-step        -- (a priori increments)     --
+unrolled        real host + correction       none (stopped at each step's input)
+emulator        emulator + correction        emulator
+hybrid          real host + correction       emulator Jacobian (straight-through)
+differentiable  real host + correction       real host (torch hosts only)
+sip             real host + correction       Gauss-Newton step through emulator,
+                                             then L2 proxy loss on the outputs
+=============== ============================ =====================================
+
+Every mode but ``differentiable`` calls the host as a black box, forward only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from correction import artifacts
+from correction.emulator import Emulator
+from correction.hosts import BlackBoxHost, HostModel
+from correction.inference import Corrector
+from correction.networks import CorrectionModel
+
+MODES = ("one-step", "unrolled", "emulator", "hybrid", "differentiable", "sip")
+NEEDS_EMULATOR = ("emulator", "hybrid", "sip")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of ``mecs finetune`` (a JSON/TOML ``--config`` file overrides them)."""
+
+    mode: str = "hybrid"
+    unroll: int = 4
+    curriculum: list[int] | None = None  # e.g. [1, 4, 10]: equal shares of iterations
+    iterations: int = 600
+    batch_size: int = 32
+    lr: float = 3e-4
+    val_every: int = 50
+    val_windows: int = 256
+    val_fraction: float = 0.1
+    sip_damping: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; modes: {list(MODES)}")
+        if self.unroll < 1:
+            raise ValueError(f"unroll must be at least 1, got {self.unroll}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown finetune setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def unroll_at(self, iteration: int) -> int:
+        if not self.curriculum:
+            return self.unroll
+        share = self.iterations / len(self.curriculum)
+        return int(self.curriculum[min(int(iteration / share), len(self.curriculum) - 1)])
+
+    @property
+    def max_unroll(self) -> int:
+        return max(self.curriculum) if self.curriculum else self.unroll
+
+
+@dataclass
+class FinetuneResult:
+    version: artifacts.ModelVersion
+    history: list[dict[str, float]]
+    best_val: float
+    host_calls: int
+    wall_time: float
+
+
+class Unroller:
+    """Steps the corrected model one analysis interval in a given mode."""
+
+    def __init__(
+        self,
+        mode: str,
+        model: CorrectionModel,
+        corrector: Corrector,
+        host: HostModel,
+        steps_per_interval: int,
+        emulator: Emulator | None = None,
+        torch_host: HostModel | None = None,
+    ) -> None:
+        self.mode, self.model, self.layout = mode, model, corrector.layout
+        self.host, self.emulator, self.torch_host = host, emulator, torch_host
+        self.steps = steps_per_interval
+        self.dt = float(host.dt)
+        if mode in NEEDS_EMULATOR and emulator is None:
+            raise ValueError(f"mode {mode!r} needs an emulator (--emulator PATH)")
+        if mode == "differentiable" and (torch_host is None or not torch_host.differentiable):
+            raise ValueError("mode 'differentiable' needs a host written in torch")
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(self.layout.pack(x.to(torch.float32)))
+        return self.layout.unpack(y).to(x.dtype)
+
+    def host_values(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.host.step(x.detach())
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        dt = self.dt
+        if self.mode == "unrolled":
+            x_in = x.detach()
+            return self.host_values(x_in) + dt * self.correction(x_in)
+        if self.mode == "emulator":
+            return self.emulator.step(x) + dt * self.correction(x)
+        if self.mode == "hybrid":
+            e = self.emulator.step(x)
+            return e + (self.host_values(x) - e).detach() + dt * self.correction(x)
+        if self.mode == "differentiable":
+            return self.torch_host.step(x) + dt * self.correction(x)
+        # values only (validation, sip's reference trajectory)
+        return self.host_values(x) + dt * self.correction(x)
+
+    def interval(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.steps):
+            x = self.step(x)
+        return x
+
+
+def _windows(n_times: int, lo: int, hi: int, unroll: int) -> np.ndarray:
+    """Start indices in ``[lo, hi)`` whose ``unroll`` following analyses stay below hi."""
+    return np.arange(lo, max(lo, hi - unroll))
+
+
+def sip_loss(
+    unroller: Unroller,
+    x0: torch.Tensor,
+    targets: torch.Tensor,
+    damping: float,
+    out_std: torch.Tensor,
+) -> torch.Tensor:
+    """Scale-invariant physics loss (Holl et al. 2022), emulator-linearised.
+
+    1. Run the real host with the current correction (values only), keeping the
+       reference states and network outputs.
+    2. Gauss-Newton in correction space: per-interval offsets ``d_n`` added to the
+       correction; the residual's Jacobian ``J = dr/dd`` comes from the emulator's
+       tangent-linear model along the reference trajectory. Solve the damped normal
+       equations ``(J^T J + lambda I) d = -J^T r`` per window.
+    3. L2 proxy loss between the network outputs and the updated corrections.
+    """
+    from torch.func import jacrev, vmap
+
+    emu, dt, steps = unroller.emulator, unroller.dt, unroller.steps
+    n_int = targets.shape[1]
+    refs, outs = [], []
+    x = x0
+    with torch.no_grad():
+        for _ in range(n_int):
+            for _ in range(steps):
+                c = unroller.correction(x)
+                refs.append(x)
+                outs.append(c)
+                x = unroller.host_values(x) + dt * c
+    ref = torch.stack(refs, 1)  # [B, n_int*steps, K]
+    cor = torch.stack(outs, 1)
+    nxt = torch.cat([ref[:, 1:], x[:, None]], 1)  # state after each step (reference)
+
+    def residual(d: torch.Tensor, ref_b, nxt_b, tgt_b) -> torch.Tensor:
+        # perturbation propagated by the emulator's tangent dynamics along the reference
+        dx = torch.zeros_like(ref_b[0])
+        res = []
+        for k in range(ref_b.shape[0]):
+            xk = ref_b[k] + dx
+            dx = emu.step(xk[None])[0] - emu.step(ref_b[k][None])[0] + dt * d[k // steps]
+            if (k + 1) % steps == 0:
+                res.append(nxt_b[k] + dx - tgt_b[k // steps])
+        return torch.cat(res)
+
+    d0 = torch.zeros(x0.shape[0], n_int, x0.shape[-1], dtype=x0.dtype)
+    r = vmap(residual)(d0, ref, nxt, targets)  # [B, n_int*K]
+    jac = vmap(jacrev(residual))(d0, ref, nxt, targets)  # [B, n_int*K, n_int, K]
+    jac = jac.reshape(r.shape[0], r.shape[1], -1)
+    jtj = jac.transpose(1, 2) @ jac
+    lam = damping * torch.diagonal(jtj, dim1=1, dim2=2).mean(-1)
+    eye = torch.eye(jtj.shape[-1], dtype=jtj.dtype)
+    delta = -torch.linalg.solve(jtj + lam[:, None, None] * eye,
+                                (jac.transpose(1, 2) @ r[..., None]))[..., 0]  # fmt: skip
+    delta = delta.reshape(x0.shape[0], n_int, -1).repeat_interleave(steps, dim=1)
+    target_c = (cor + delta).detach()
+    pred = unroller.correction(ref.reshape(-1, ref.shape[-1]))
+    pred = pred.reshape(cor.shape)
+    scale = out_std.to(pred.dtype).reshape(1, 1, -1)
+    return torch.mean(((pred - target_c) / scale) ** 2)
+
+
+def finetune(
+    repository: str | Path,
+    name: str,
+    analyses: np.ndarray,
+    host: HostModel,
+    cfg: FinetuneConfig,
+    steps_per_interval: int,
+    train_end: int,
+    from_version: int | None = None,
+    emulator_path: str | Path | None = None,
+    torch_host: HostModel | None = None,
+    data_ref: str | None = None,
+    progress: bool = True,
+    publish_as: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``name`` (newest or ``from_version``) and publish a new version.
+
+    ``analyses`` ``[T, *state]`` at consecutive analysis times; only indices before
+    ``train_end`` are used (the last ``val_fraction`` of them for validation).
+    ``host`` is called forward only unless the mode is ``differentiable``.
+    """
+    t0 = time.perf_counter()
+    parent = Corrector.load(repository, name, from_version)
+    model, _ = artifacts.load(artifacts.resolve(repository, name, parent.version).path)
+    model.train()
+    emulator = Emulator.load(emulator_path) if emulator_path else None
+    black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
+    unroller = Unroller(cfg.mode, model, parent, black_box, steps_per_interval, emulator,
+                        torch_host)  # fmt: skip
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    a = torch.from_numpy(np.asarray(analyses, dtype=np.float64))
+    n_val = max(int(train_end * cfg.val_fraction), cfg.max_unroll + 1)
+    val_lo = train_end - n_val
+    train_hi = val_lo - cfg.max_unroll  # a gap so windows do not overlap validation
+    if train_hi <= cfg.max_unroll + 1:
+        raise ValueError(f"too few analyses ({train_end}) for unroll {cfg.max_unroll}")
+    val_starts = _windows(len(a), val_lo, train_end, cfg.max_unroll)
+    pick = np.linspace(0, len(val_starts) - 1, min(cfg.val_windows, len(val_starts)))
+    val_starts = val_starts[pick.astype(int)]
+    clim_var = float(a[:train_end].var())
+    out_std = model.out_std.detach().clone()
+    window = steps_per_interval * unroller.dt
+
+    def a_posteriori(starts: np.ndarray, n: int) -> torch.Tensor:
+        x = a[starts]
+        loss = 0.0
+        for k in range(1, n + 1):
+            x = unroller.interval(x)
+            loss = loss + torch.mean((x - a[starts + k]) ** 2) / clim_var
+        return loss / n
+
+    def val_loss() -> float:
+        model.eval()
+        saved, unroller.mode = unroller.mode, "values"
+        with torch.no_grad():
+            v = float(a_posteriori(val_starts, cfg.max_unroll))
+        unroller.mode = saved
+        model.train()
+        return v
+
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    calls_before = black_box.calls if hasattr(black_box, "calls") else 0
+    history = [{"iteration": 0, "val_loss": val_loss()}]
+    best_val = history[0]["val_loss"]
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    bar = tqdm(range(1, cfg.iterations + 1), desc=f"finetune {cfg.mode}", disable=not progress,
+               mininterval=0.5)  # fmt: skip
+    for it in bar:
+        n = cfg.unroll_at(it - 1)
+        starts = rng.choice(_windows(len(a), 0, train_hi, n), cfg.batch_size)
+        if cfg.mode == "one-step":
+            x = a[starts]
+            with torch.no_grad():
+                fc = x
+                for _ in range(steps_per_interval):
+                    fc = black_box.step(fc)
+            target = (a[starts + 1] - fc) / window
+            pred = unroller.correction(x)
+            loss = torch.mean(((pred - target) / out_std.to(pred.dtype)) ** 2)
+        elif cfg.mode == "sip":
+            targets = torch.stack([a[starts + k] for k in range(1, n + 1)], 1)
+            loss = sip_loss(unroller, a[starts], targets, cfg.sip_damping, out_std)
+        else:
+            loss = a_posteriori(starts, n)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optim.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", unroll=n, refresh=False)
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            v = val_loss()
+            history.append({"iteration": it, "train_loss": float(loss), "val_loss": v,
+                            "unroll": n})  # fmt: skip
+            if v < best_val:
+                best_val = v
+                best_state = {k: t.clone() for k, t in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    host_calls = (black_box.calls if hasattr(black_box, "calls") else 0) - calls_before
+    config = dict(parent.config)
+    for key in ("name", "version", "weights_sha256", "published_at"):
+        config.pop(key, None)
+    config["training"] = {
+        "stage": "finetune",
+        "mode": cfg.mode,
+        "settings": dataclasses.asdict(cfg),
+        "data": data_ref,
+        "emulator": str(Path(emulator_path).absolute()) if emulator_path else None,
+        "host": host.name,
+        "history": history,
+        "pretraining": parent.config.get("training", {}).get("stage"),
+    }
+    config["parent"] = {"name": parent.name, "version": parent.version}
+    config["metrics"] = {"val_loss_a_posteriori": best_val,
+                         "val_loss_before": history[0]["val_loss"],
+                         "val_unroll": cfg.max_unroll}  # fmt: skip
+    mv = artifacts.publish(repository, publish_as or name, model, config)
+    return FinetuneResult(mv, history, best_val, host_calls, time.perf_counter() - t0)
+
+
+__all__ = ["MODES", "FinetuneConfig", "FinetuneResult", "Unroller", "finetune", "sip_loss"]
