@@ -166,7 +166,7 @@ def sip_loss(
        equations ``(J^T J + lambda I) d = -J^T r`` per window.
     3. L2 proxy loss between the network outputs and the updated corrections.
     """
-    from torch.func import jacrev, vmap
+    from torch.func import jvp
 
     emu, dt, steps = unroller.emulator, unroller.dt, unroller.steps
     n_int = targets.shape[1]
@@ -179,36 +179,75 @@ def sip_loss(
                 refs.append(x)
                 outs.append(c)
                 x = unroller.host_values(x) + dt * c
-    ref = torch.stack(refs, 1)  # [B, n_int*steps, K]
-    cor = torch.stack(outs, 1)
-    nxt = torch.cat([ref[:, 1:], x[:, None]], 1)  # state after each step (reference)
-
-    def residual(d: torch.Tensor, ref_b, nxt_b, tgt_b) -> torch.Tensor:
-        # perturbation propagated by the emulator's tangent dynamics along the reference
-        dx = torch.zeros_like(ref_b[0])
-        res = []
-        for k in range(ref_b.shape[0]):
-            xk = ref_b[k] + dx
-            dx = emu.step(xk[None])[0] - emu.step(ref_b[k][None])[0] + dt * d[k // steps]
+        ref = torch.stack(refs, 1)  # [B, n_int*steps, K]
+        cor = torch.stack(outs, 1)
+        batch, k_dim = x0.shape
+        n_dir = n_int * k_dim
+        # tangent of the state with respect to every offset direction, propagated by
+        # the emulator's tangent-linear model along the real trajectory: [B, n_dir, K]
+        tangent = torch.zeros(batch, n_dir, k_dim, dtype=x0.dtype)
+        eye = dt * torch.eye(k_dim, dtype=x0.dtype)
+        jac_rows, residuals = [], []
+        for k in range(n_int * steps):
+            n = k // steps
+            base = ref[:, k].repeat_interleave(n_dir, 0)
+            _, t_out = jvp(emu.step, (base,), (tangent.reshape(batch * n_dir, k_dim),))
+            tangent = t_out.reshape(batch, n_dir, k_dim)
+            tangent[:, n * k_dim : (n + 1) * k_dim] += eye
             if (k + 1) % steps == 0:
-                res.append(nxt_b[k] + dx - tgt_b[k // steps])
-        return torch.cat(res)
-
-    d0 = torch.zeros(x0.shape[0], n_int, x0.shape[-1], dtype=x0.dtype)
-    r = vmap(residual)(d0, ref, nxt, targets)  # [B, n_int*K]
-    jac = vmap(jacrev(residual))(d0, ref, nxt, targets)  # [B, n_int*K, n_int, K]
-    jac = jac.reshape(r.shape[0], r.shape[1], -1)
-    jtj = jac.transpose(1, 2) @ jac
-    lam = damping * torch.diagonal(jtj, dim1=1, dim2=2).mean(-1)
-    eye = torch.eye(jtj.shape[-1], dtype=jtj.dtype)
-    delta = -torch.linalg.solve(jtj + lam[:, None, None] * eye,
-                                (jac.transpose(1, 2) @ r[..., None]))[..., 0]  # fmt: skip
+                jac_rows.append(tangent.transpose(1, 2))  # [B, K, n_dir]
+                end = ref[:, k + 1] if k + 1 < ref.shape[1] else x
+                residuals.append(end - targets[:, n])
+        jac = torch.cat(jac_rows, 1)  # [B, n_int*K, n_dir]
+        r = torch.cat(residuals, 1)  # [B, n_int*K]
+        jtj = jac.transpose(1, 2) @ jac
+        lam = damping * torch.diagonal(jtj, dim1=1, dim2=2).mean(-1)
+        eye_n = torch.eye(n_dir, dtype=jtj.dtype)
+        rhs = jac.transpose(1, 2) @ r[..., None]
+        delta = -torch.linalg.solve(jtj + lam[:, None, None] * eye_n, rhs)[..., 0]
     delta = delta.reshape(x0.shape[0], n_int, -1).repeat_interleave(steps, dim=1)
     target_c = (cor + delta).detach()
     pred = unroller.correction(ref.reshape(-1, ref.shape[-1]))
     pred = pred.reshape(cor.shape)
     scale = out_std.to(pred.dtype).reshape(1, 1, -1)
     return torch.mean(((pred - target_c) / scale) ** 2)
+
+
+def a_posteriori(
+    unroller: Unroller, a: torch.Tensor, starts: np.ndarray, n: int, clim_var: float
+) -> torch.Tensor:
+    """Mean squared distance to the next ``n`` analyses, in climatological variances."""
+    x = a[starts]
+    loss = torch.zeros((), dtype=a.dtype)
+    for k in range(1, n + 1):
+        x = unroller.interval(x)
+        loss = loss + torch.mean((x - a[starts + k]) ** 2) / clim_var
+    return loss / n
+
+
+def training_loss(
+    unroller: Unroller,
+    a: torch.Tensor,
+    starts: np.ndarray,
+    n: int,
+    out_std: torch.Tensor,
+    sip_damping: float,
+    clim_var: float,
+) -> torch.Tensor:
+    """The loss each mode minimises, on the windows starting at ``starts``."""
+    if unroller.mode == "one-step":
+        x = a[starts]
+        with torch.no_grad():
+            fc = x
+            for _ in range(unroller.steps):
+                fc = unroller.host.step(fc)
+        target = (a[starts + 1] - fc) / (unroller.steps * unroller.dt)
+        pred = unroller.correction(x)
+        return torch.mean(((pred - target) / out_std.to(pred.dtype)) ** 2)
+    if unroller.mode == "sip":
+        targets = torch.stack([a[starts + k] for k in range(1, n + 1)], 1)
+        return sip_loss(unroller, a[starts], targets, sip_damping, out_std)
+    return a_posteriori(unroller, a, starts, n, clim_var)
 
 
 def finetune(
@@ -253,21 +292,12 @@ def finetune(
     val_starts = val_starts[pick.astype(int)]
     clim_var = float(a[:train_end].var())
     out_std = model.out_std.detach().clone()
-    window = steps_per_interval * unroller.dt
-
-    def a_posteriori(starts: np.ndarray, n: int) -> torch.Tensor:
-        x = a[starts]
-        loss = 0.0
-        for k in range(1, n + 1):
-            x = unroller.interval(x)
-            loss = loss + torch.mean((x - a[starts + k]) ** 2) / clim_var
-        return loss / n
 
     def val_loss() -> float:
         model.eval()
         saved, unroller.mode = unroller.mode, "values"
         with torch.no_grad():
-            v = float(a_posteriori(val_starts, cfg.max_unroll))
+            v = float(a_posteriori(unroller, a, val_starts, cfg.max_unroll, clim_var))
         unroller.mode = saved
         model.train()
         return v
@@ -282,20 +312,7 @@ def finetune(
     for it in bar:
         n = cfg.unroll_at(it - 1)
         starts = rng.choice(_windows(len(a), 0, train_hi, n), cfg.batch_size)
-        if cfg.mode == "one-step":
-            x = a[starts]
-            with torch.no_grad():
-                fc = x
-                for _ in range(steps_per_interval):
-                    fc = black_box.step(fc)
-            target = (a[starts + 1] - fc) / window
-            pred = unroller.correction(x)
-            loss = torch.mean(((pred - target) / out_std.to(pred.dtype)) ** 2)
-        elif cfg.mode == "sip":
-            targets = torch.stack([a[starts + k] for k in range(1, n + 1)], 1)
-            loss = sip_loss(unroller, a[starts], targets, cfg.sip_damping, out_std)
-        else:
-            loss = a_posteriori(starts, n)
+        loss = training_loss(unroller, a, starts, n, out_std, cfg.sip_damping, clim_var)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

@@ -1,0 +1,74 @@
+"""Helpers shared by the training subcommands: analyses and hosts from a benchmark."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mecs.cli import UsageError
+
+
+@dataclass
+class AnalysisData:
+    """Analyses as one array plus what training needs to know about them."""
+
+    path: Path
+    values: np.ndarray  # [time, *state]
+    times: np.ndarray
+    test_start: float | None
+    host_params: dict[str, Any]
+
+    @property
+    def interval(self) -> float:
+        return float(np.median(np.diff(self.times)))
+
+    @property
+    def train_end(self) -> int:
+        """Index of the first test-period analysis (all analyses if none is set)."""
+        if self.test_start is None:
+            return len(self.times)
+        return int(np.searchsorted(self.times, self.test_start - 1e-9))
+
+
+def load_analyses(path: str | Path, variable: str = "X") -> AnalysisData:
+    """A ``mecs synth`` directory, or an analyses store (zarr or netCDF)."""
+    import xarray as xr
+
+    from data_pipeline.stores import open_zarr
+
+    path = Path(path)
+    host_params: dict[str, Any] = {}
+    test_start = None
+    store = path
+    if (path / "analyses.zarr").exists():
+        store = path / "analyses.zarr"
+        summary = json.loads((path / "config.json").read_text())
+        c = summary["config"]
+        host_params = {"K": c["K"], "F": c["host_F"], "dt": c["dt_host"]}
+        test_start = float(summary["test_start"])
+    if not store.exists():
+        raise UsageError(f"analyses {path} do not exist")
+    ds = open_zarr(store) if store.suffix == ".zarr" or store.is_dir() else xr.open_dataset(store)
+    if variable not in ds:
+        raise UsageError(f"analyses {store} have no variable '{variable}' ({list(ds.data_vars)})")
+    if test_start is None and "test_start" in ds.attrs:
+        test_start = float(ds.attrs["test_start"])
+    values = ds[variable].values.astype(np.float64)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])
+        raise UsageError(f"analyses {store}: variable '{variable}' has NaN at time index {bad}")
+    times = ds["time"].values.astype(np.float64)
+    return AnalysisData(store, values, times, test_start, host_params)
+
+
+def make_named_host(name: str, params: dict[str, Any]):
+    from correction.hosts import make_host
+
+    try:
+        return make_host(name, **params)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"host '{name}': {err}") from None

@@ -1,0 +1,73 @@
+"""``mecs finetune``: online fine-tuning of a published model, in one of six modes."""
+
+from __future__ import annotations
+
+import argparse
+
+from mecs.cli import UsageError
+
+
+def run(args: argparse.Namespace) -> int:
+    from correction.artifacts import ArtifactError, resolve
+    from correction.training.finetune import NEEDS_EMULATOR, FinetuneConfig, finetune
+    from data_pipeline.config import ConfigError, read_settings_file
+
+    from ._common import load_analyses, make_named_host
+
+    try:
+        settings = read_settings_file(args.config) if args.config else {}
+        for key in ("mode", "unroll", "iterations", "seed", "lr", "batch_size"):
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+        if args.curriculum:
+            settings["curriculum"] = [int(v) for v in args.curriculum.split(",")]
+        cfg = FinetuneConfig.from_dict(settings)
+        resolve(args.repository, args.name, args.from_version)
+    except (ConfigError, ValueError, ArtifactError) as err:
+        raise UsageError(f"mecs finetune: {err}") from None
+    if cfg.mode in NEEDS_EMULATOR and not args.emulator:
+        raise UsageError(f"mecs finetune: mode '{cfg.mode}' needs --emulator PATH")
+    data = load_analyses(args.data)
+    host = make_named_host(args.host, data.host_params)
+    steps = round(data.interval / host.dt)
+    if abs(steps * host.dt - data.interval) > 1e-6:
+        raise UsageError(
+            f"mecs finetune: analysis interval {data.interval} is not a whole number of "
+            f"host steps (dt={host.dt})"
+        )
+    torch_host = host if cfg.mode == "differentiable" else None
+    try:
+        result = finetune(
+            args.repository, args.name, data.values, host, cfg, steps, data.train_end,
+            from_version=args.from_version, emulator_path=args.emulator,
+            torch_host=torch_host, data_ref=str(data.path), progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(f"mecs finetune: {err}") from None
+    first, best = result.history[0]["val_loss"], result.best_val
+    print(f"finetune: mode {cfg.mode}; validation a posteriori loss {first:.5f} -> {best:.5f}")
+    print(f"finetune: published {result.version.path.resolve()} ({result.wall_time:.1f} s)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from correction.training.finetune import MODES
+
+    p = sub.add_parser("finetune", help="online fine-tuning, unrolled in time")
+    p.add_argument("--mode", choices=MODES, default=None, help="default: hybrid")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--from", dest="from_version", type=int, default=None,
+                   help="parent version (default: the newest)")  # fmt: skip
+    p.add_argument("--emulator", help="emulator artifact (from mecs emulator)")
+    p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
+    p.add_argument("--host", default="l96", help="host model name (default l96)")
+    p.add_argument("--unroll", type=int, default=None, help="analysis intervals per window")
+    p.add_argument("--curriculum", help="unroll lengths in turn, e.g. 1,4,10")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--config", help="JSON or TOML file of finetune settings")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
