@@ -308,7 +308,8 @@ def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     traj = metrics.get("_trajectories")
     if traj is not None:
         panels = ["truth", "none"] + [k for k in traj if k not in ("truth", "none", "limit")]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), sharey=True)
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), sharey=True,
+                                 layout="constrained")  # fmt: skip
         vmax = float(np.nanmax(np.abs(traj["truth"])))
         for ax, label in zip(np.atleast_1d(axes), panels, strict=True):
             im = ax.pcolormesh(np.arange(1, traj[label].shape[1] + 1), leads, traj[label],

@@ -1,35 +1,287 @@
 """``mecs demo``: the whole chain on the embedded default, stage by stage.
 
-Each stage writes into its own folder under the demo directory and is skipped
-when that folder is already complete, so a re-run resumes where it stopped.
-Stages are added here as the project grows; today it ends with the benchmark.
+synthetic benchmark -> increment store (local dask cluster) -> offline pretraining
+-> emulator -> online fine-tuning -> ``mecs serve`` as a real server process on
+127.0.0.1 -> coupled forecasts through HTTP (a single run and a 20-member
+ensemble) -> evaluation -> ``report.md``.
+
+Every stage writes into its own place under the demo directory and is skipped
+when its output is already complete, so a re-run resumes where it stopped
+(``--fresh`` starts over). Each stage calls the same functions as its subcommand.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+MODEL = "l96"
 
 
-def _stage(name: str, done: bool) -> float:
-    state = "reusing finished output" if done else "running"
-    print(f"[demo] {name}: {state}", flush=True)
-    return time.perf_counter()
+@dataclass
+class DemoPlan:
+    """Sizes of every stage; ``quick`` is the CI end-to-end run."""
+
+    quick: bool
+    preset: str
+    synth: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    emulator: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    forecast_steps: int = 500
+    members: int = 20
+    free_run: float = 500.0
+
+    @classmethod
+    def make(cls, preset: str, quick: bool) -> DemoPlan:
+        if quick:
+            return cls(
+                quick, preset,
+                synth={"duration": 60.0, "da_spinup": 5.0, "truth_spinup": 5.0,
+                       "forecast_init_every": 1.0},
+                pretrain={"max_epochs": 12, "early_stopping": 4},
+                emulator={"n_states": 6000, "epochs": 10},
+                finetune={"mode": "hybrid", "iterations": 100, "unroll": 4, "val_every": 25},
+                forecast_steps=200, members=20, free_run=50.0,
+            )  # fmt: skip
+        return cls(
+            quick, preset,
+            synth={"duration": 500.0},
+            pretrain={"max_epochs": 30},
+            emulator={},
+            finetune={"mode": "hybrid", "iterations": 400, "unroll": 4, "val_every": 50},
+        )  # fmt: skip
+
+
+class Stages:
+    """Runs named stages with progress lines and timings, skipping finished ones."""
+
+    def __init__(self, out: Path, fresh: bool, total: int) -> None:
+        self.out, self.fresh, self.total, self.count = out, fresh, total, 0
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def run(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
+        self.count += 1
+        label = f"[demo {self.count}/{self.total}] {name}"
+        if done.exists() and not self.fresh:
+            print(f"{label}: reusing {done}", flush=True)
+            self.timings[name] = 0.0
+            return
+        print(f"{label} ...", flush=True)
+        t = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - t
+        print(f"{label}: done in {self.timings[name]:.1f} s", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, key: str, timeout: float = 2.0) -> bytes:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback)
+        return resp.read()
+
+
+def _metric_total(text: str, name: str) -> float:
+    """Sum of a Prometheus counter over all its label sets."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            head = line.split(" ")[0]
+            if head == name or head.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class ServiceProcess:
+    """``mecs serve`` as a child process on 127.0.0.1 with a one-off API key."""
+
+    def __init__(self, repository: Path, log: Path) -> None:
+        self.port = _free_port()
+        self.key = secrets.token_urlsafe(24)
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, MECS_INFERENCE_KEYS=self.key, MECS_ADMIN_KEYS=self.key,
+                   MECS_LOG_LEVEL="warning")  # fmt: skip
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mecs", "serve", "--repository", str(repository),
+             "--host", "127.0.0.1", "--port", str(self.port)],  # fmt: skip
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mecs serve exited with {self.proc.returncode}; see {log}")
+            try:
+                _get(f"{self.url}/v2/health/ready", self.key)
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mecs serve did not become ready in 60 s; see {log}")
+
+    def metrics(self) -> str:
+        return _get(f"{self.url}/metrics", self.key).decode()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _run_cli(args: list[str], env: dict[str, str] | None = None) -> None:
+    """Run one ``mecs`` subcommand in a child process; fail loudly."""
+    proc = subprocess.run([sys.executable, "-m", "mecs", *args], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})))  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"mecs {args[0]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    for line in proc.stdout.splitlines():
+        print(f"    {line}")
 
 
 def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool = False) -> int:
-    """Run every stage that exists and print where the outputs are."""
+    """Run the chain and write ``out/report.md``; returns the exit code."""
+    import torch
+
+    from correction.evaluation import Benchmark, clean_for_json, evaluate, write_plots
+    from correction.hosts import Lorenz96
+    from correction.inference import Corrector
+    from correction.layout import ModelLayout
+    from correction.training.emulator import EmulatorConfig, train_emulator
+    from correction.training.finetune import FinetuneConfig, finetune
+    from correction.training.pretrain import PretrainConfig, pretrain
+    from data_pipeline import build_increments
     from data_pipeline.config import load_config
     from data_pipeline.synth import generate
+    from mecs.commands.evaluate import fit_polynomial
+    from mecs.report import write_report
 
+    torch.set_num_threads(1)  # small tensors: threads cost more than they give on 2 cores
+    plan = DemoPlan.make(preset, quick)
+    out = out.absolute()
+    if fresh and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    synth_dir = out / "synth"
-    done = (synth_dir / "config.json").exists() and not fresh
-    t = _stage("1/1 synthetic benchmark (mecs synth)", done)
-    if not done:
-        cfg = load_config(preset, quick=quick)
-        generate(cfg, synth_dir, overwrite=True)
-    print(f"[demo] synthetic benchmark: {time.perf_counter() - t:.1f} s -> {synth_dir}")
-    print(f"[demo] finished in {time.perf_counter() - t0:.1f} s; outputs in {out.resolve()}")
+    synth_dir, inc, repo = out / "synth", out / "increments.zarr", out / "models"
+    emu, fc_dir, eval_dir = out / "emulator", out / "forecasts", out / "evaluation"
+    stages = Stages(out, fresh, total=8)
+    cfg = load_config(preset, quick=quick, **plan.synth)
+
+    stages.run("synthetic benchmark (mecs synth)", synth_dir / "config.json",
+               lambda: generate(cfg, synth_dir, overwrite=True))  # fmt: skip
+
+    def increments() -> None:
+        # contiguous blocks: train, then validation just before the evaluation period
+        test = cfg.test_start
+        split = (f"train=0:{0.85 * test:g},val={0.87 * test:g}:{test - cfg.obs_interval:g},"
+                 f"test={test:g}:{cfg.duration:g}")  # fmt: skip
+        report = build_increments(synth_dir / "analyses.zarr",
+                                  synth_dir / "forecasts_archive.zarr", cfg.obs_interval, inc,
+                                  split=split, scheduler="local", overwrite=True)  # fmt: skip
+        for line in report.summary().splitlines():
+            print(f"    {line}")
+
+    stages.run("increment store on a local dask cluster (mecs increments)", inc, increments)
+
+    def offline() -> None:
+        res = pretrain(inc, repo, MODEL, PretrainConfig.from_dict(plan.pretrain), progress=False)
+        print(f"    best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+
+    stages.run("offline pretraining (mecs pretrain)", repo / MODEL / "1" / "config.json", offline)
+
+    bench = Benchmark.open(synth_dir)
+    train_end = int(sum(bench.times < bench.test_start))
+    layout = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": cfg.K}, {"X": "1"})
+    host = Lorenz96(K=cfg.K, F=cfg.host_F, dt=cfg.dt_host)
+
+    def emulator() -> None:
+        _, m = train_emulator(host, "l96", bench.analyses[:train_end], layout, emu,
+                              EmulatorConfig(**plan.emulator), progress=False)  # fmt: skip
+        print(f"    one-step RMSE {m['one_step_rmse']:.4f}, 10-step {m['ten_step_rmse']:.4f}")
+
+    stages.run("host-model emulator (mecs emulator)", emu / "config.json", emulator)
+
+    def online() -> None:
+        steps = round(cfg.obs_interval / cfg.dt_host)
+        res = finetune(repo, MODEL, bench.analyses, host, FinetuneConfig(**plan.finetune), steps,
+                       train_end, from_version=1, emulator_path=emu, data_ref=str(synth_dir),
+                       progress=False)  # fmt: skip
+        print(f"    a posteriori validation loss {res.history[0]['val_loss']:.5f} -> "
+              f"{res.best_val:.5f}")  # fmt: skip
+
+    stages.run(f"online fine-tuning, {plan.finetune['mode']} mode (mecs finetune)",
+               repo / MODEL / "2" / "config.json", online)  # fmt: skip
+
+    service_json = fc_dir / "service.json"
+
+    def serve_and_forecast() -> None:
+        fc_dir.mkdir(parents=True, exist_ok=True)
+        server = ServiceProcess(repo, fc_dir / "serve.log")
+        try:
+            print(f"    mecs serve is ready at {server.url}")
+            figures: dict[str, Any] = {"url": server.url}
+            for label, members in [("single", 1), ("ensemble", plan.members)]:
+                store = fc_dir / f"{label}.zarr"
+                shutil.rmtree(store, ignore_errors=True)
+                _run_cli(["forecast", "--host", "l96", "--init", str(synth_dir / "analyses.zarr"),
+                          "--steps", str(plan.forecast_steps), "--members", str(members),
+                          "--service", server.url, "--model", MODEL, "--out", str(store),
+                          "--no-progress"], env={"MECS_API_KEY": server.key})  # fmt: skip
+                figures[label] = _forecast_figures(store)
+            text = server.metrics()
+            figures["requests_total"] = _metric_total(text, "mecs_http_requests_total")
+            figures["infer_requests"] = _metric_total(text, "mecs_inference_requests_total")
+        finally:
+            server.stop()
+        service_json.write_text(json.dumps(figures, indent=1) + "\n")
+
+    stages.run("mecs serve + coupled forecasts through HTTP (mecs forecast)", service_json,
+               serve_and_forecast)  # fmt: skip
+
+    metrics_path = eval_dir / "metrics.json"
+
+    def evaluation() -> None:
+        offline_c, online_c = Corrector.load(repo, MODEL, 1), Corrector.load(repo, MODEL, 2)
+        metrics = evaluate(bench, {"offline": offline_c, "online": online_c},
+                           poly=fit_polynomial(inc), free_run=plan.free_run,
+                           keep_trajectories=True)  # fmt: skip
+        metrics["models"] = {"offline": {"name": MODEL, "version": 1},
+                             "online": {"name": MODEL, "version": 2}}  # fmt: skip
+        write_plots(metrics, eval_dir)
+        metrics_path.write_text(json.dumps(clean_for_json(metrics), indent=1) + "\n")
+
+    stages.run("evaluation (mecs evaluate)", metrics_path, evaluation)
+
+    report = out / "report.md"
+    stages.run("report", out / ".never", lambda: write_report(out, plan, cfg, stages.timings))
+    total = time.perf_counter() - stages.t0
+    print(f"[demo] finished in {total:.1f} s; the report is {report}")
     return 0
+
+
+def _forecast_figures(store: Path) -> dict[str, Any]:
+    from data_pipeline.stores import open_zarr
+
+    ds = open_zarr(store)
+    keys = [k for k in ds.attrs if "latency" in k or "degraded" in k or k == "members"]
+    return {k: ds.attrs[k] for k in keys}

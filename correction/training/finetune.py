@@ -321,7 +321,7 @@ def finetune(
         bar.set_postfix(loss=f"{loss.item():.4f}", unroll=n, refresh=False)
         if it % cfg.val_every == 0 or it == cfg.iterations:
             v = val_loss()
-            history.append({"iteration": it, "train_loss": float(loss), "val_loss": v,
+            history.append({"iteration": it, "train_loss": loss.item(), "val_loss": v,
                             "unroll": n})  # fmt: skip
             if v < best_val:
                 best_val = v

@@ -1,0 +1,35 @@
+"""The quick demo end to end: the README's main command, as CI runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "mecs", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"the report is {out / 'report.md'}" in proc.stdout
+    report = (out / "report.md").read_text()
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    f = metrics["forecasts"]
+    # the online correction beats no correction, and the report shows metrics.json's figures
+    assert f["online"]["valid_time"] > f["none"]["valid_time"] + 0.5
+    for label in ("none", "poly3", "offline", "online", "limit"):
+        row = re.search(rf"^\| {label} \| ([0-9.]+) \|", report, re.M)
+        assert row and float(row.group(1)) == round(f[label]["valid_time"], 2)
+    # the coupled forecasts went through the HTTP service
+    service = json.loads((out / "forecasts" / "service.json").read_text())
+    assert service["infer_requests"] > 0 and service["ensemble"]["members"] == 20
+    assert service["single"]["degraded_steps"] == 0
+    for png in ("rmse_vs_lead", "hovmoller", "climate_pdf", "training_curves"):
+        assert (out / "evaluation" / f"{png}.png").stat().st_size > 5000
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    # a second run reuses every finished stage
+    again = subprocess.run([sys.executable, "-m", "mecs", "demo", "--quick", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.count("reusing") == 7
