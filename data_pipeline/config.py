@@ -115,6 +115,13 @@ class BenchmarkConfig:
         n_train = int(round(self.n_cycles * (1 - self.test_fraction)))
         return n_train * self.obs_interval
 
+    def increment_split(self) -> str:
+        """Split spec for ``mecs increments``: train, then validation just before the
+        test period (gaps between the blocks), test = the evaluation period."""
+        test = self.test_start
+        return (f"train=0:{0.85 * test:g},val={0.87 * test:g}:{test - self.obs_interval:g},"
+                f"test={test:g}:{self.duration:g}")  # fmt: skip
+
     @property
     def analysis_noise(self) -> float:
         return self.obs_sigma if self.noisy_truth_sigma is None else self.noisy_truth_sigma

@@ -183,19 +183,22 @@ def sip_loss(
         cor = torch.stack(outs, 1)
         batch, k_dim = x0.shape
         n_dir = n_int * k_dim
-        # tangent of the state with respect to every offset direction, propagated by
-        # the emulator's tangent-linear model along the real trajectory: [B, n_dir, K]
-        tangent = torch.zeros(batch, n_dir, k_dim, dtype=x0.dtype)
+        # d(state)/d(offsets), propagated by the emulator's tangent-linear model along
+        # the real trajectory: [B, K, n_dir]. Each step's Jacobian comes from one jvp
+        # per state dimension, whatever the number of offsets.
+        tangent = torch.zeros(batch, k_dim, n_dir, dtype=x0.dtype)
+        basis = torch.eye(k_dim, dtype=x0.dtype).repeat(batch, 1)  # [B*K, K]
         eye = dt * torch.eye(k_dim, dtype=x0.dtype)
         jac_rows, residuals = [], []
         for k in range(n_int * steps):
             n = k // steps
-            base = ref[:, k].repeat_interleave(n_dir, 0)
-            _, t_out = jvp(emu.step, (base,), (tangent.reshape(batch * n_dir, k_dim),))
-            tangent = t_out.reshape(batch, n_dir, k_dim)
-            tangent[:, n * k_dim : (n + 1) * k_dim] += eye
+            base = ref[:, k].repeat_interleave(k_dim, 0)
+            _, cols = jvp(emu.step, (base,), (basis,))
+            step_jac = cols.reshape(batch, k_dim, k_dim).transpose(1, 2)  # [B, out, in]
+            tangent = step_jac @ tangent
+            tangent[:, :, n * k_dim : (n + 1) * k_dim] += eye
             if (k + 1) % steps == 0:
-                jac_rows.append(tangent.transpose(1, 2))  # [B, K, n_dir]
+                jac_rows.append(tangent)  # [B, K, n_dir]
                 end = ref[:, k + 1] if k + 1 < ref.shape[1] else x
                 residuals.append(end - targets[:, n])
         jac = torch.cat(jac_rows, 1)  # [B, n_int*K, n_dir]

@@ -154,7 +154,7 @@ def pretrain(
             return None  # type: ignore[return-value]
         model.train()
         torch.manual_seed(cfg.seed * 100003 + epoch)
-        total, count = 0.0, 0
+        total, count, t_epoch = 0.0, 0, time.perf_counter()
         bar = tqdm(train.epoch(epoch), total=len(train), desc=f"epoch {epoch + 1}",
                    disable=not progress, leave=False, mininterval=0.5)  # fmt: skip
         for x, y in bar:
@@ -166,10 +166,12 @@ def pretrain(
             total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        train_seconds = time.perf_counter() - t_epoch
         val_loss = evaluate_loss(model, val)
         sched.step(val_loss)
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
-                        "val_loss": val_loss, "lr": optim.param_groups[0]["lr"]})  # fmt: skip
+                        "val_loss": val_loss, "lr": optim.param_groups[0]["lr"],
+                        "samples": count, "train_seconds": train_seconds})  # fmt: skip
         if progress:
             tqdm.write(f"epoch {epoch + 1}: train {total / max(count, 1):.4f} val {val_loss:.4f}")
         if val_loss < best_val - cfg.min_delta:
