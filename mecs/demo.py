@@ -29,13 +29,13 @@ from typing import Any
 MODEL = "l96"
 
 
-@dataclass
 # LETKF analyses carry spatially correlated errors and the host's bias; a 5-point
 # stencil uses the neighbours' information where a column network cannot
 # (bench/offline.py: valid time 2.46 against 2.35 for the column MLP).
 STENCIL = {"network": "stencil-cnn", "params": {"hidden": 64, "depth": 3, "kernel": 5}}
 
 
+@dataclass
 class DemoPlan:
     """Sizes of every stage; ``quick`` is the CI end-to-end run."""
 
