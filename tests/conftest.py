@@ -55,3 +55,52 @@ def l96_repository(tmp_path):
     model, config = make_l96_model()
     publish(tmp_path / "models", "l96", model, config)
     return tmp_path / "models"
+
+
+def service_settings(repository, **overrides):
+    """Service settings for tests: quiet, no poller, torch threads and GC left alone."""
+    from service.settings import ServiceSettings
+
+    values = {
+        "repository": repository,
+        "port": 0,
+        "torch_threads": 0,
+        "gc_freeze": False,
+        "poll_interval_s": 0,
+        "log_level": "warning",
+    }
+    return ServiceSettings(**(values | overrides))
+
+
+@pytest.fixture
+def start_server(l96_repository):
+    """Start real uvicorn servers on 127.0.0.1 (free ports); all stopped at teardown."""
+    from service.server import ServerThread
+
+    servers = []
+
+    def start(repository=None, **overrides):
+        server = ServerThread(service_settings(repository or l96_repository, **overrides))
+        servers.append(server.start())
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_increments(tmp_path_factory, tiny_synth):
+    """Increments (window 0.05) from the tiny benchmark, small chunks for streaming tests."""
+    from data_pipeline import build_increments
+
+    out = tmp_path_factory.mktemp("inc") / "increments.zarr"
+    build_increments(
+        tiny_synth / "analyses.zarr",
+        tiny_synth / "forecasts_archive.zarr",
+        0.05,
+        out,
+        split="0.7:0.15:0.15",
+        chunk_samples=37,
+    )
+    return out
