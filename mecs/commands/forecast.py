@@ -1,0 +1,263 @@
+"""``mecs forecast``: run the host model with the correction applied at every step.
+
+The correction comes from the service (``--service URL``; the API key, if the
+service needs one, from the environment variable ``MECS_API_KEY``, never from the
+command line) or from a model repository in this process (``--repository DIR``).
+The ensemble is the analysis at ``--init-time`` (member 0, the control) plus
+``members - 1`` copies perturbed with independent Gaussian noise of std
+``--perturbation`` (state units). The store is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mecs.cli import UsageError
+
+DEFAULT_PERTURBATION = 0.1  # about the observation noise of the l96-2s benchmark
+
+
+def _parse_host_params(items: list[str]) -> dict:
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"mecs forecast: --host-param must be KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def _open_init(path: Path):
+    import xarray as xr
+
+    from data_pipeline.stores import open_zarr
+
+    if not path.exists():
+        raise UsageError(f"mecs forecast: --init {path} does not exist")
+    try:
+        if path.is_dir():
+            return open_zarr(path)
+        return xr.open_dataset(path)
+    except Exception as err:  # any unreadable store: one line, exit 2
+        raise UsageError(f"mecs forecast: cannot open --init {path}: {err}") from None
+
+
+def _initial_state(ds, variable: dict, init_time: float | None, host_shape) -> tuple:
+    import numpy as np
+
+    name, dims = variable["name"], list(variable["dims"])
+    if name not in ds:
+        raise UsageError(f"mecs forecast: --init has no variable '{name}' (the model's field)")
+    var = ds[name]
+    if "time" not in var.dims or set(var.dims) != {"time", *dims}:
+        raise UsageError(f"mecs forecast: variable '{name}' has dims {var.dims}, expected "
+                         f"('time', {', '.join(repr(d) for d in dims)})")  # fmt: skip
+    times = np.asarray(ds["time"].values)
+    if init_time is None:  # the test period's first analysis, else the last one
+        start = ds.attrs.get("test_start")
+        i = len(times) - 1
+        if start is not None:
+            i = min(int(np.searchsorted(times, float(start) - 1e-9)), len(times) - 1)
+    else:
+        i = int(np.argmin(np.abs(times - init_time)))
+        spacing = float(np.min(np.diff(times))) if len(times) > 1 else 0.0
+        if abs(float(times[i]) - init_time) > max(0.5 * spacing, 1e-9):
+            raise UsageError(f"mecs forecast: no analysis at --init-time {init_time} "
+                             f"(times {times[0]:g} to {times[-1]:g})")  # fmt: skip
+    state = var.isel(time=i).transpose(*dims).values.astype(np.float64)
+    if tuple(state.shape) != tuple(host_shape):
+        raise UsageError(f"mecs forecast: state shape {list(state.shape)} does not match the "
+                         f"host's {list(host_shape)}")  # fmt: skip
+    if not np.isfinite(state).all():
+        raise UsageError(f"mecs forecast: analysis at time {times[i]:g} has NaN or Inf values")
+    coords = {d: ds[d].values for d in dims if d in ds.coords}
+    return state, float(times[i]), var.attrs, coords
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import xarray as xr
+
+    from correction.hosts import make_host
+    from data_pipeline.stores import OutputExistsError, staged_directory, write_zarr
+    from service.forecast import LocalCorrection, ServiceCorrection, run_forecast
+
+    if args.steps < 1 or args.members < 1 or args.output_every < 1:
+        raise UsageError("mecs forecast: --steps, --members and --output-every must be >= 1")
+    if args.perturbation < 0:
+        raise UsageError("mecs forecast: --perturbation must be >= 0")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"mecs forecast: {out} exists; pass --overwrite to replace it")
+    try:
+        host = make_host(args.host, **_parse_host_params(args.host_param))
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"mecs forecast: {err}") from None
+    ds = _open_init(Path(args.init))
+    client = None
+    if args.service:
+        from service.client import CorrectionClient, ServiceError
+
+        try:
+            client = CorrectionClient(
+                args.service, args.model, version=args.version,
+                api_key=os.environ.get("MECS_API_KEY") or None, timeout=args.timeout,
+                retries=args.retries, degrade=args.degrade,
+            )  # fmt: skip
+            source = ServiceCorrection(client, dt=host.dt)
+            variables = source.variables()
+        except (ValueError, ServiceError) as err:
+            raise UsageError(f"mecs forecast: service {args.service}: {err}") from None
+    else:
+        from correction.artifacts import ArtifactError
+        from correction.inference import Corrector
+
+        try:
+            corrector = Corrector.load(args.repository, args.model, args.version)
+        except ArtifactError as err:
+            raise UsageError(f"mecs forecast: {err}") from None
+        source = LocalCorrection(corrector, cap_std=args.cap_std or None,
+                                 ood_threshold_std=args.ood_std)  # fmt: skip
+        variables = source.variables()
+    if len(variables) != 1:
+        raise UsageError("mecs forecast: only single-field models are supported for now")
+    x, t0, var_attrs, coords = _initial_state(ds, variables[0], args.init_time, host.state_shape)
+    rng = np.random.default_rng(args.seed)
+    x0 = np.repeat(x[None], args.members, axis=0)
+    if args.members > 1:
+        x0[1:] += args.perturbation * rng.standard_normal(x0[1:].shape)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, desc="forecast", unit="step", mininterval=0.5)
+    try:
+        result = run_forecast(host, x0, args.steps, source, args.output_every,
+                              progress=(lambda n: bar.update(1)) if bar else None)  # fmt: skip
+    except FloatingPointError as err:
+        print(f"error: mecs forecast: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from service.client import ServiceError
+
+        if not isinstance(err, ServiceError):
+            raise
+        print(f"error: mecs forecast: correction service failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            client.close()
+
+    name = variables[0]["name"]
+    dims = list(variables[0]["dims"])
+    lead = result.steps * host.dt
+    stats = result.stats
+    attrs = {
+        "Conventions": "CF-1.10",
+        "title": f"coupled forecast: host {host.name} + correction {args.model}",
+        "source": "mecs forecast",
+        "host": host.name,
+        "host_dt": host.dt,
+        "correction": source.description,
+        "model": args.model,
+        "model_versions": sorted({int(v) for v in result.versions if v >= 0}),
+        "init_store": str(Path(args.init).resolve()),
+        "init_time": t0,
+        "members": args.members,
+        "member_0": "control (unperturbed analysis)",
+        "perturbation_std": args.perturbation,
+        "seed": args.seed,
+        "steps": args.steps,
+        "degrade_policy": args.degrade if args.service else "n/a (in-process)",
+        **stats,
+    }
+    data = result.states.transpose(1, 0, *range(2, result.states.ndim)).astype(np.float32)
+    out_ds = xr.Dataset(
+        {
+            name: (
+                ("member", "time", *dims),
+                data,
+                {**var_attrs, "long_name": f"corrected forecast of {name}"},
+            ),
+            "model_version": (
+                "time",
+                result.versions.astype(np.int32),
+                {"long_name": "correction model version in use", "units": "1"},
+            ),
+        },  # fmt: skip
+        coords={
+            "member": ("member", np.arange(args.members), {"long_name": "ensemble member"}),
+            "time": ("time", t0 + lead, {"long_name": "model time", "units": "1"}),
+            "lead_time": ("time", lead, {"long_name": "forecast lead time", "units": "1"}),
+            "step": ("time", result.steps, {"long_name": "host model step", "units": "1"}),
+            **{d: (d, v) for d, v in coords.items()},
+        },
+        attrs=attrs,
+    )
+    try:
+        with staged_directory(out, overwrite=args.overwrite) as stage:
+            write_zarr(out_ds, stage)
+    except OutputExistsError as err:
+        raise UsageError(f"mecs forecast: {err}") from None
+    print(
+        f"forecast: {args.steps} steps x {args.members} members with {source.description} "
+        f"in {result.wall_time_s:.2f} s; correction latency p50 "
+        f"{stats['correction_latency_p50_us']:.0f} us, p99 {stats['correction_latency_p99_us']:.0f}"
+        f" us; degraded steps {result.degraded_steps}; wrote {out.resolve()}"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from correction.hosts import HOSTS
+
+    p = sub.add_parser("forecast", help="run the host model with the correction every step")
+    p.add_argument("--host", required=True, choices=sorted(HOSTS), help="host model name")
+    p.add_argument("--host-param", action="append", metavar="KEY=VALUE",
+                   help="host parameter, e.g. F=10 (repeatable)")  # fmt: skip
+    p.add_argument("--init", required=True, help="analyses store (zarr dir or netCDF file)")
+    p.add_argument("--init-time", type=float, default=None,
+                   help="analysis time to start from (default: the store's test_start, "
+                        "else its last time)")  # fmt: skip
+    p.add_argument("--steps", type=int, required=True, help="host model steps")
+    p.add_argument("--members", type=int, default=1, help="ensemble size (member 0 = control)")
+    p.add_argument("--perturbation", type=float, default=DEFAULT_PERTURBATION,
+                   help="std of the Gaussian initial perturbations (state units)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--service", help="correction service URL (key from $MECS_API_KEY)")
+    src.add_argument("--repository", help="model repository for in-process corrections")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--version", type=int, default=None, help="pin a model version")
+    p.add_argument("--out", default="forecast.zarr", help="output zarr store")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--output-every", type=int, default=1, help="keep every Nth step")
+    p.add_argument(
+        "--degrade",
+        choices=["raise", "zero", "last"],
+        default="raise",
+        help="when the service fails: stop, use no correction, or reuse the last",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per service call")
+    p.add_argument("--retries", type=int, default=2, help="retries per service call")
+    p.add_argument("--cap-std", type=float, default=10.0,
+                   help="in-process only: magnitude cap in training stds (0: off), as the "
+                        "service's MECS_CORRECTION_CAP_STD")  # fmt: skip
+    p.add_argument(
+        "--ood-std",
+        type=float,
+        default=6.0,
+        help="in-process only: out-of-distribution threshold in training stds",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,288 @@
+"""The FastAPI application: lifespan, middleware, error answers, routers, OpenAPI.
+
+``create_app(settings)`` builds the app; the repository is loaded in the
+lifespan (so a TestClient or uvicorn start-up loads it and shutdown drains it).
+After start-up the service calls ``gc.freeze()``: with tens of requests in flight
+the cyclic collector otherwise walks every long-lived object (torch modules,
+FastAPI routes) and pauses the server for ~100 ms every few hundred ms; frozen,
+those objects are skipped and tail latency drops by an order of magnitude.
+``torch.set_num_threads(settings.torch_threads)`` (1 by default) keeps a small
+forward from fighting the event loop for the machine's cores.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mecs import __version__
+
+from .auth import KeyStore, authenticate
+from .errors import ServiceError
+from .metrics import ServiceMetrics
+from .repository import ModelRepository
+from .routers.models import infer_handler
+from .settings import ServiceSettings, SettingsError, load_settings
+
+log = logging.getLogger("mecs.service")
+
+DESCRIPTION = """Per-timestep tendency corrections over the Open Inference Protocol (KServe v2)
+with the binary tensor extension, micro-batching, a hot-reloading model repository,
+bearer API keys and Prometheus metrics."""
+
+
+@dataclass
+class ServiceState:
+    """What the routers reach through ``request.app.state.mecs``."""
+
+    settings: ServiceSettings
+    keys: KeyStore
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    repository: ModelRepository | None = None
+    executor: ThreadPoolExecutor | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+def _check_auth_config(settings: ServiceSettings, keys: KeyStore) -> None:
+    """No keys: allowed on loopback (with a warning) or with ``allow_anonymous``."""
+    if keys.enabled:
+        return
+    if not settings.is_loopback and not settings.allow_anonymous:
+        raise SettingsError(
+            f"no API keys configured and host {settings.host} is not loopback: set "
+            "MECS_INFERENCE_KEYS / MECS_ADMIN_KEYS or MECS_API_KEYS_FILE, or "
+            "MECS_ALLOW_ANONYMOUS=true to serve without authentication"
+        )
+    log.warning(
+        "AUTHENTICATION DISABLED: no API keys configured; every endpoint, including "
+        "load/unload, is open to anyone who can reach %s",
+        settings.host,
+    )
+
+
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+INFER_ROUTE = "/v2/models/{name}/infer"
+INFER_VERSION_ROUTE = "/v2/models/{name}/versions/{version}/infer"
+
+
+async def _fast_infer(request: Request, name: str, version: str | None) -> Response:
+    try:
+        authenticate(request, "inference")
+        return await infer_handler(request, name, version)
+    except ServiceError as exc:
+        return _error(exc.status, exc.message, exc.headers)
+    except Exception as exc:  # as the app's handler: logged, never a traceback to callers
+        log.exception("internal error on infer for model %r", name)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+class ServiceMiddleware:
+    """Pure ASGI middleware: body limit, batching tickets, HTTP metrics, infer fast path.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) because it sits on every request of a
+    service whose whole budget is a few hundred microseconds. For the same reason
+    ``POST .../infer`` goes from here straight to its handler: FastAPI's routing,
+    dependency solving and exception layers cost ~100 us per call on a 2-core
+    machine, a quarter of the round trip. The routes in :mod:`service.routers.models`
+    document the endpoint (OpenAPI) and run the same handler when the app is used
+    without this middleware.
+    """
+
+    def __init__(self, app: Any, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        limit = state.settings.max_body_bytes
+        t0 = time.perf_counter()
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    too_big = value.isdigit()
+                    status = 413 if too_big else 400
+                    msg = (
+                        f"request body of {int(value)} bytes exceeds the limit of {limit} bytes"
+                        if too_big
+                        else "Content-Length is not a number"
+                    )
+                    await JSONResponse({"error": msg}, status)(scope, receive, send)
+                    state.metrics.http_requests.inc("other", scope["method"], str(status))
+                    return
+                break
+        ticket = None
+        repo = state.repository
+        path = scope["path"]
+        if repo is not None and path.startswith("/v2/models/") and path.endswith("/infer"):
+            name = path[11:].split("/", 1)[0]
+            if name in repo.slots:  # known names only: no unbounded state from bad paths
+                ticket = repo.traffic_for(name).enter()
+                scope["mecs.ticket"] = ticket
+        status = [500]
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            body = message.get("body")
+            if body:
+                received += len(body)
+                if received > limit:
+                    raise ServiceError(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        endpoint = None
+        try:
+            match = _INFER_PATH.match(path) if scope["method"] == "POST" else None
+            if match is None:
+                await self.app(scope, limited_receive, send_status)
+            else:  # the hot path: straight to the handler, same answers as the route
+                name, version = match.groups()
+                endpoint = INFER_VERSION_ROUTE if version is not None else INFER_ROUTE
+                response = await _fast_infer(Request(scope, limited_receive), name, version)
+                await response(scope, receive, send_status)
+        finally:
+            if ticket is not None:
+                ticket.close()
+            if endpoint is None:
+                endpoint = getattr(scope.get("route"), "path", "other")
+            m = state.metrics
+            m.http_requests.inc(endpoint, scope["method"], str(status[0]))
+            m.http_latency.observe(time.perf_counter() - t0, endpoint)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request, exc: ServiceError):
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # never leak a traceback to callers
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def _install_openapi(app: FastAPI) -> None:
+    from .schemas import InferRequestDoc
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)  # fmt: skip
+        comps = schema.setdefault("components", {})
+        req = InferRequestDoc.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.setdefault("schemas", {}).update(req.pop("$defs", {}))
+        comps["schemas"]["InferRequest"] = req
+        comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        body = {
+            "required": True,
+            "description": "JSON, or the binary tensor extension: a JSON header of "
+            "Inference-Header-Content-Length bytes followed by raw little-endian tensors.",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+        for path, item in schema.get("paths", {}).items():
+            if path.endswith("/infer") and "post" in item:
+                item["post"]["requestBody"] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = build
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the service for ``settings`` (default: from the environment).
+
+    Raises :class:`~service.settings.SettingsError` for settings that must not
+    start a server (no repository; no keys on a non-loopback host).
+    """
+    from .routers import health, metrics, models, repository
+
+    settings = settings or load_settings()
+    if settings.repository is None:
+        raise SettingsError("no model repository: pass --repository DIR or set MECS_REPOSITORY")
+    try:
+        keys = KeyStore(settings.keys_by_scope())
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+    _check_auth_config(settings, keys)
+    state = ServiceState(settings=settings, keys=keys)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        state.executor = ThreadPoolExecutor(1, thread_name_prefix="mecs-forward")
+        repo = ModelRepository(settings.repository, settings, state.metrics, state.executor)
+        await repo.start()
+        state.repository = repo
+        n = sum(s.default is not None for s in repo.slots.values())
+        log.info("serving %d model(s) from %s", n, settings.repository)
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        try:
+            yield
+        finally:
+            await repo.stop()
+            state.executor.shutdown(wait=True)
+
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="mecs correction service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.mecs = state
+    app.add_middleware(ServiceMiddleware, state=state)
+    _install_error_handlers(app)
+    for module in (models, health, repository, metrics):  # infer first: fewest matches
+        app.include_router(module.router)
+    _install_openapi(app)
+    return app

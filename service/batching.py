@@ -1,0 +1,264 @@
+"""Micro-batching: concurrent requests for one model version share a forward pass.
+
+Independent callers stepping together (MPI ranks of one forecast, ensemble members
+run as separate jobs) each send one small request per timestep. A forward pass
+costs nearly the same for 1 or 64 samples, so gathering them pays, as long as a
+lone caller does not wait for companions that never come.
+
+The dispatch rule, per model version:
+
+- a batch leaves as soon as it holds ``batch_max_size`` samples;
+- or as soon as no other infer request for the model is *on its way* to the queue
+  (its headers have arrived, its body is being read or parsed): the service counts
+  those with a :class:`Ticket` taken by the ASGI middleware, so a lone caller never
+  waits and callers that arrive together leave together;
+- or when the oldest request has waited ``batch_max_delay_ms`` (the bound).
+
+Requests are never split across batches (one request larger than the batch size
+runs alone). Small batches run on the event loop (a thread hop costs more than a
+small forward); batches above ``inline_forward_max_values`` values run on a single
+worker thread so the loop keeps answering while a big state is corrected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ServiceError
+
+ComputeFn = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class Traffic:
+    """Infer requests of one model name that are on their way to a batch queue."""
+
+    def __init__(self) -> None:
+        self.approaching = 0
+        self.batchers: set[Batcher] = set()
+
+    def enter(self) -> Ticket:
+        self.approaching += 1
+        return Ticket(self)
+
+    def poke(self) -> None:
+        for b in list(self.batchers):
+            b.wake()
+
+
+class Ticket:
+    """Held by one request from its headers until it is queued or answered."""
+
+    __slots__ = ("traffic", "open")
+
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+        self.open = True
+
+    def arrived(self) -> None:
+        """The request is now in a queue (the queue re-checks itself)."""
+        if self.open:
+            self.open = False
+            self.traffic.approaching -= 1
+
+    def close(self) -> None:
+        """The request ended without reaching a queue: batches may stop waiting for it."""
+        if self.open:
+            self.open = False
+            self.traffic.approaching -= 1
+            self.traffic.poke()
+
+
+@dataclass
+class BatchResult:
+    correction: np.ndarray
+    out_of_distribution: np.ndarray
+    capped: np.ndarray
+    batch_size: int
+    forward_s: float = 0.0
+
+
+class _Item:
+    __slots__ = ("state", "forcings", "future", "t")
+
+    def __init__(self, state, forcings, future, t):
+        self.state, self.forcings, self.future, self.t = state, forcings, future, t
+
+
+class Batcher:
+    """The queue of one model version; see the module docstring for the rule."""
+
+    def __init__(
+        self,
+        compute: ComputeFn,
+        traffic: Traffic,
+        executor: Executor,
+        max_size: int,
+        max_delay_s: float,
+        max_queue_samples: int,
+        inline_max_values: int,
+        observe: Callable[[int, int, float, list[float]], None] | None = None,
+    ) -> None:
+        self.compute = compute
+        self.traffic = traffic
+        self.executor = executor
+        self.max_size = max_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_samples = max_queue_samples
+        self.inline_max_values = inline_max_values
+        self.observe = observe
+        self.items: deque[_Item] = deque()
+        self.samples = 0
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self) -> None:
+        """Start being poked by the model's traffic (call on the event loop thread)."""
+        self.traffic.batchers.add(self)
+
+    def retire(self) -> None:
+        """Stop being poked once unloaded; queued requests still finish."""
+        self.traffic.batchers.discard(self)
+
+    async def submit(
+        self, state: np.ndarray, forcings: np.ndarray | None = None, ticket: Ticket | None = None
+    ) -> BatchResult:
+        """Queue ``state`` (``[b, *shape]`` in the model dtype); resolve with its slice."""
+        n = state.shape[0]
+        if ticket is not None:
+            ticket.arrived()
+        if self.samples and self.samples + n > self.max_queue_samples:
+            raise ServiceError(
+                503,
+                f"server busy: {self.samples} samples already queued for this model",
+                headers={"Retry-After": "1"},
+            )
+        loop = self._loop = asyncio.get_running_loop()
+        if self.max_size <= 1:  # micro-batching off: every request is its own batch
+            item = _Item(state, forcings, None, time.perf_counter())
+            if state.size <= self.inline_max_values:
+                return self._run_now([item])
+            out, dt = await loop.run_in_executor(
+                self.executor, self._timed_compute, state, forcings
+            )
+            return self._deliver([item], out, dt, n)
+        future = loop.create_future()
+        self.items.append(_Item(state, forcings, future, time.perf_counter()))
+        self.samples += n
+        self.wake()
+        return await future
+
+    def wake(self) -> None:
+        """Re-check the queue after the tasks already runnable have run."""
+        if not self._scheduled and self.items and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._check)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._check()
+
+    def _check(self) -> None:
+        self._scheduled = False
+        while self.items:
+            now = time.perf_counter()
+            waited = now - self.items[0].t
+            if not (
+                self.samples >= self.max_size
+                or self.traffic.approaching <= 0
+                or waited >= self.max_delay_s
+            ):
+                if self._timer is None and self._loop is not None:
+                    self._timer = self._loop.call_later(self.max_delay_s - waited, self._on_timer)
+                return
+            self._dispatch(self._take())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _take(self) -> list[_Item]:
+        batch = [self.items.popleft()]
+        total = batch[0].state.shape[0]
+        while self.items and total + self.items[0].state.shape[0] <= self.max_size:
+            item = self.items.popleft()
+            batch.append(item)
+            total += item.state.shape[0]
+        self.samples -= total
+        return batch
+
+    def _dispatch(self, batch: list[_Item]) -> None:
+        batch = [it for it in batch if not it.future.done()]  # caller gone: skip its work
+        if not batch:
+            return
+        values = sum(it.state.size for it in batch)
+        if values <= self.inline_max_values:
+            self._run_now(batch)
+        else:
+            task = self._loop.create_task(self._run_in_thread(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _stack(self, batch: list[_Item]) -> tuple[np.ndarray, np.ndarray | None]:
+        if len(batch) == 1:
+            return batch[0].state, batch[0].forcings
+        state = np.concatenate([it.state for it in batch])
+        forcings = None
+        if batch[0].forcings is not None:
+            forcings = np.concatenate([it.forcings for it in batch])
+        return state, forcings
+
+    def _timed_compute(self, state, forcings) -> tuple[Any, float]:
+        t = time.perf_counter()
+        out = self.compute(state, forcings)
+        return out, time.perf_counter() - t
+
+    def _run_now(self, batch: list[_Item]) -> BatchResult | None:
+        state, forcings = self._stack(batch)
+        try:
+            out, dt = self._timed_compute(state, forcings)
+        except Exception as err:  # every waiting request learns it, none is lost
+            if batch[0].future is None:
+                raise
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            return None
+        return self._deliver(batch, out, dt, state.shape[0])
+
+    async def _run_in_thread(self, batch: list[_Item]) -> None:
+        state, forcings = self._stack(batch)
+        try:
+            out, dt = await self._loop.run_in_executor(
+                self.executor, self._timed_compute, state, forcings
+            )
+        except Exception as err:
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            return
+        self._deliver(batch, out, dt, state.shape[0])
+
+    def _deliver(self, batch, out, dt, total) -> BatchResult | None:
+        corr, ood, capped = out
+        now = time.perf_counter()
+        if self.observe is not None:
+            self.observe(total, len(batch), dt, [now - it.t for it in batch])
+        if batch[0].future is None:  # unbatched fast path: no future, answer directly
+            return BatchResult(corr, ood, capped, total, dt)
+        offset = 0
+        for it in batch:
+            n = it.state.shape[0]
+            if not it.future.done():
+                sl = slice(offset, offset + n)
+                it.future.set_result(BatchResult(corr[sl], ood[sl], capped[sl], total, dt))
+            offset += n
+        return None

@@ -1,0 +1,301 @@
+"""Open Inference Protocol (KServe v2) tensors, JSON and binary, without pydantic.
+
+Shared by the server and :mod:`service.client`, so it imports only numpy and the
+standard library (a host model's process need not have torch or FastAPI).
+
+The binary tensor extension is the one Triton and KServe implement: the body is a
+JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw
+little-endian tensor bytes, in input order, of every input whose parameters carry
+``binary_data_size``. Outputs come back the same way when the request asks for
+``"binary_data": true`` on an output or ``"binary_data_output": true`` overall.
+The hot path parses with ``json.loads`` and ``numpy.frombuffer`` only: pydantic
+validation of a 4 MB state costs seconds, this costs microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_HEADER_LENGTH_LOWER = HEADER_LENGTH.lower()
+DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+DTYPE_NAMES = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64"}
+MAX_RANK = 8
+
+
+class ProtocolError(ValueError):
+    """A request the protocol layer rejects; ``reason`` labels the rejection metric."""
+
+    def __init__(self, message: str, reason: str = "bad_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class InferRequest:
+    """A decoded infer request: named numpy tensors plus the protocol fields."""
+
+    inputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    binary_outputs: set[str] = field(default_factory=set)
+    binary_default: bool = False
+
+    def wants_binary(self, name: str) -> bool:
+        return name in self.binary_outputs or self.binary_default
+
+
+def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not shape or len(shape) > MAX_RANK:
+        raise ProtocolError(
+            f"input '{name}': 'shape' must be a list of 1 to {MAX_RANK} integers, got {shape!r}",
+            "shape",
+        )
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ProtocolError(
+                f"input '{name}': shape {shape} has an entry that is not a non-negative integer",
+                "shape",
+            )
+    return tuple(shape)
+
+
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_infer_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
+    """Decode an infer request body (JSON, or binary when ``header_length`` is given).
+
+    Raises :class:`ProtocolError` naming the field at fault. Nothing here allocates
+    more than the body's own size: declared shapes are checked against the bytes or
+    values actually sent before any array is built.
+    """
+    if header_length is not None:
+        try:
+            hlen = int(header_length)
+        except (TypeError, ValueError):
+            raise ProtocolError(
+                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
+            ) from None
+        if hlen < 0 or hlen > len(body):
+            raise ProtocolError(
+                f"{HEADER_LENGTH} is {hlen} but the body has only {len(body)} bytes"
+            )
+        header_bytes, payload = body[:hlen], memoryview(body)[hlen:]
+    else:
+        header_bytes, payload = body, memoryview(b"")
+    try:
+        header = json.loads(header_bytes)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("request body must be a JSON object with an 'inputs' list")
+    rid = header.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError("'id' must be a string")
+    parameters = _as_dict(header.get("parameters"), "'parameters'")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for tensor in raw_inputs:
+        if not isinstance(tensor, dict):
+            raise ProtocolError("every entry of 'inputs' must be a JSON object")
+        name = tensor.get("name")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError("every input needs a non-empty string 'name'")
+        if name in inputs:
+            raise ProtocolError(f"input '{name}' is given twice")
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
+            raise ProtocolError(
+                f"input '{name}': datatype {datatype!r} is not supported; use FP32 or FP64",
+                "dtype",
+            )
+        dtype = DATATYPES[datatype]
+        shape = _check_shape(name, tensor.get("shape"))
+        count = math.prod(shape)
+        tparams = _as_dict(tensor.get("parameters"), f"input '{name}': 'parameters'")
+        size = tparams.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"input '{name}': binary_data_size must be an integer >= 0")
+            if size != count * dtype.itemsize:
+                raise ProtocolError(
+                    f"input '{name}': shape {list(shape)} of {datatype} needs "
+                    f"{count * dtype.itemsize} bytes but binary_data_size is {size}",
+                    "shape",
+                )
+            if offset + size > len(payload):
+                raise ProtocolError(
+                    f"input '{name}': binary data ends at byte {offset + size} but only "
+                    f"{len(payload)} bytes follow the JSON header"
+                )
+            arr = np.frombuffer(payload[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            if "data" not in tensor:
+                raise ProtocolError(f"input '{name}': no 'data' and no binary_data_size")
+            arr = _json_data(name, tensor["data"], shape, dtype)
+        inputs[name] = arr
+        datatypes[name] = datatype
+    if offset != len(payload):
+        raise ProtocolError(
+            f"{len(payload) - offset} bytes after the JSON header belong to no input "
+            "(binary_data_size values do not add up)"
+        )
+    outputs, binary = _requested_outputs(header.get("outputs"))
+    default = parameters.get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise ProtocolError("parameter 'binary_data_output' must be true or false")
+    return InferRequest(inputs, datatypes, rid, parameters, outputs, binary, default)
+
+
+def _json_data(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ProtocolError(f"input '{name}': 'data' must be a list of numbers")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise ProtocolError(f"input '{name}': 'data' is ragged or not numeric", "dtype") from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == object:
+        raise ProtocolError(
+            f"input '{name}': 'data' must hold numbers only (got {arr.dtype.kind!r} values)",
+            "dtype",
+        )
+    if arr.size != math.prod(shape):
+        raise ProtocolError(
+            f"input '{name}': shape {list(shape)} needs {math.prod(shape)} values, "
+            f"'data' has {arr.size}",
+            "shape",
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        return arr.astype(dtype).reshape(shape)
+
+
+def _requested_outputs(raw: Any) -> tuple[list[str], set[str]]:
+    if raw is None:
+        return [], set()
+    if not isinstance(raw, list):
+        raise ProtocolError("'outputs' must be a list")
+    names, binary = [], set()
+    for out in raw:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise ProtocolError("every entry of 'outputs' needs a string 'name'")
+        params = _as_dict(out.get("parameters"), f"output '{out['name']}': 'parameters'")
+        if "classification" in params:
+            raise ProtocolError("the classification extension is not supported")
+        flag = params.get("binary_data", False)
+        if not isinstance(flag, bool):
+            raise ProtocolError(f"output '{out['name']}': binary_data must be true or false")
+        names.append(out["name"])
+        if flag:
+            binary.add(out["name"])
+    return names, binary
+
+
+def _tensor_json(name: str, arr: np.ndarray, binary: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": name,
+        "datatype": DTYPE_NAMES[arr.dtype],
+        "shape": list(arr.shape),
+    }
+    if binary:
+        entry["parameters"] = {"binary_data_size": arr.nbytes}
+    else:
+        entry["data"] = arr.ravel().tolist()
+    return entry
+
+
+def _le(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def encode_message(
+    header: dict[str, Any],
+    tensors: Sequence[tuple[str, np.ndarray, bool]],
+    key: str,
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for a request or response: JSON, plus raw tensors if any are binary."""
+    header[key] = [_tensor_json(n, a, b) for n, a, b in tensors]
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    # raw views of the arrays: the join below is the only copy of a large tensor
+    blobs = [memoryview(np.ascontiguousarray(_le(a))).cast("B") for _, a, b in tensors if b]
+    if not blobs:
+        return text, {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
+    return b"".join([text, *blobs]), headers
+
+
+def encode_infer_request(
+    inputs: Mapping[str, np.ndarray],
+    binary: bool = True,
+    outputs: Sequence[str] = ("correction",),
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """What a client sends: FP32/FP64 inputs, outputs requested binary when ``binary``."""
+    header: dict[str, Any] = {}
+    if request_id is not None:
+        header["id"] = request_id
+    if parameters:
+        header["parameters"] = parameters
+    header["outputs"] = [
+        {"name": n, "parameters": {"binary_data": True}} if binary else {"name": n} for n in outputs
+    ]
+    tensors = []
+    for name, arr in inputs.items():
+        arr = np.asarray(arr)
+        if arr.dtype not in DTYPE_NAMES:
+            raise TypeError(f"input '{name}' must be float32 or float64, got {arr.dtype}")
+        tensors.append((name, np.ascontiguousarray(arr), binary))
+    return encode_message(header, tensors, "inputs")
+
+
+def decode_infer_response(
+    body: bytes, header_length: str | int | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A response's JSON header and its output tensors (writable arrays)."""
+    if header_length is not None:
+        hlen = int(header_length)
+        header = json.loads(body[:hlen])
+        payload = memoryview(body)[hlen:]
+    else:
+        header, payload = json.loads(body), memoryview(b"")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for out in header.get("outputs", []):
+        dtype = DATATYPES[out["datatype"]]
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            arr = np.frombuffer(payload[offset : offset + size], dtype=dtype)
+            offset += size
+            arr = arr.reshape(out["shape"])
+            if not arr.flags.writeable:
+                arr = arr.copy()
+        else:
+            arr = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+        arrays[out["name"]] = arr
+    return header, arrays
+
+
+def header_length_of(headers: Mapping[str, str]) -> str | None:
+    """The binary header length from a case-insensitive or lower-cased header mapping."""
+    return headers.get(_HEADER_LENGTH_LOWER) or headers.get(HEADER_LENGTH)

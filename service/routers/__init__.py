@@ -1,0 +1,1 @@
+"""One router per resource: health/server, models/infer, repository, metrics."""

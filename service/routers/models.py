@@ -1,0 +1,215 @@
+"""Model metadata, readiness and ``infer`` (inference scope).
+
+``infer`` reads the raw body and decodes it with :mod:`service.protocol` (JSON or
+the binary tensor extension), validates it against the model (input names,
+shape, dtype, finiteness), hands the state to the model version's batch queue
+and answers the correction in the request's datatype and transport.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+
+from ..auth import InferenceScope
+from ..errors import ServiceError
+from ..protocol import (
+    DATATYPES,
+    InferRequest,
+    ProtocolError,
+    encode_message,
+    parse_infer_request,
+)
+from ..repository import LoadedModel, parse_version
+from ..schemas import ERRORS, InferResponseDoc, ModelMetadata
+
+router = APIRouter(prefix="/v2/models", tags=["models"], responses=ERRORS)
+
+
+async def infer(request: Request, name: str, _: InferenceScope) -> Response:
+    """Correction for a batch of states with the model's default version."""
+    return await infer_handler(request, name, None)
+
+
+async def infer_version(request: Request, name: str, version: str, _: InferenceScope) -> Response:
+    """Correction with a pinned version (loaded on first use)."""
+    return await infer_handler(request, name, version)
+
+
+# In the running service, ServiceMiddleware (service.app) hands these two paths straight
+# to infer_handler, skipping FastAPI's routing and dependency solving on the hot path;
+# the routes document them (OpenAPI) and serve them wherever that middleware is absent.
+_INFER_DOC = {200: {"model": InferResponseDoc, "description": "the correction"}}
+for _path, _endpoint in (("/{name}/infer", infer), ("/{name}/versions/{version}/infer",
+                                                     infer_version)):  # fmt: skip
+    router.add_api_route(_path, _endpoint, methods=["POST"], responses=_INFER_DOC)
+
+
+async def _metadata(request: Request, name: str, version: str | None) -> dict:
+    repo = request.app.state.mecs.repository
+    model = await repo.get(name, parse_version(version))
+    return model.metadata(await repo.versions(name))
+
+
+@router.get("/{name}", response_model=ModelMetadata)
+async def model_metadata(request: Request, name: str, _: InferenceScope) -> dict:
+    """Inputs, outputs, shapes, datatypes, variables and the version served by default."""
+    return await _metadata(request, name, None)
+
+
+@router.get("/{name}/versions/{version}", response_model=ModelMetadata)
+async def model_version_metadata(
+    request: Request, name: str, version: str, _: InferenceScope
+) -> dict:
+    """Metadata of one pinned version."""
+    return await _metadata(request, name, version)
+
+
+async def _ready(request: Request, name: str, version: str | None) -> dict:
+    model = await request.app.state.mecs.repository.get(name, parse_version(version))
+    return {"name": model.name, "version": model.version_str, "ready": True}
+
+
+@router.get("/{name}/ready")
+async def model_ready(request: Request, name: str, _: InferenceScope) -> dict:
+    """200 when the model answers requests (404 unknown, 503 unloaded)."""
+    return await _ready(request, name, None)
+
+
+@router.get("/{name}/versions/{version}/ready")
+async def model_version_ready(request: Request, name: str, version: str, _: InferenceScope):
+    """200 when that version answers requests (it is loaded on demand)."""
+    return await _ready(request, name, version)
+
+
+def _reject(message: str, reason: str) -> ProtocolError:
+    return ProtocolError(message, reason)
+
+
+def _validate(model: LoadedModel, req: InferRequest) -> tuple[np.ndarray, np.ndarray | None]:
+    """The state (and forcings) as contiguous arrays in the model's dtype."""
+    allowed = {"state", "forcings"} if model.n_forcings else {"state"}
+    for name in req.inputs:
+        if name not in allowed:
+            raise _reject(f"unknown input '{name}'; model '{model.name}' takes "
+                          f"{sorted(allowed)}", "bad_request")  # fmt: skip
+    if "state" not in req.inputs:
+        raise _reject(f"input 'state' is missing (model '{model.name}')", "bad_request")
+    x = req.inputs["state"]
+    want = model.state_shape
+    if x.ndim != len(want) + 1 or x.shape[1:] != want or x.shape[0] < 1:
+        dims = ", ".join(model.corrector.layout.state_dims)
+        raise _reject(
+            f"input 'state' has shape {list(x.shape)}; model '{model.name}' version "
+            f"{model.version} expects [batch, {', '.join(map(str, want))}] with batch >= 1 "
+            f"(dims: batch, {dims})",
+            "shape",
+        )
+    f = req.inputs.get("forcings")
+    if model.n_forcings:
+        if f is None:
+            raise _reject(f"input 'forcings' [batch, {model.n_forcings}] is missing", "shape")
+        if f.shape != (x.shape[0], model.n_forcings):
+            raise _reject(f"input 'forcings' has shape {list(f.shape)}, expected "
+                          f"[{x.shape[0]}, {model.n_forcings}]", "shape")  # fmt: skip
+    for name, arr in (("state", x), ("forcings", f)):
+        if arr is not None and not np.isfinite(arr).all():
+            bad = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
+            raise _reject(
+                f"input '{name}' contains NaN or Inf (samples {bad[:10].tolist()})", "nonfinite"
+            )
+    x = np.ascontiguousarray(x, dtype=model.dtype)
+    if not x.flags.writeable:
+        x = x.copy()
+    if f is not None:
+        f = np.array(f, dtype=model.dtype)
+    return x, f
+
+
+def _parameters(req: InferRequest) -> tuple[dict, int]:
+    out: dict = {}
+    params = req.parameters
+    if "dt" in params:
+        dt = params["dt"]
+        if (
+            isinstance(dt, bool)
+            or not isinstance(dt, int | float)
+            or not math.isfinite(dt)
+            or (dt <= 0)
+        ):
+            raise _reject(f"parameter 'dt' must be a positive finite number, got {dt!r}",
+                          "bad_request")  # fmt: skip
+        out["dt"] = dt
+    degraded = params.get("degraded_steps", 0)
+    if isinstance(degraded, bool) or not isinstance(degraded, int) or not 0 <= degraded < 1 << 40:
+        raise _reject("parameter 'degraded_steps' must be a non-negative integer", "bad_request")
+    for name in req.outputs:
+        if name != "correction":
+            raise _reject(f"unknown output '{name}'; this model returns 'correction'",
+                          "bad_request")  # fmt: skip
+    return out, degraded
+
+
+async def infer_handler(request: Request, name: str, version: str | None) -> Response:
+    """Decode, validate, correct (through the batch queue) and encode one request."""
+    t0 = time.perf_counter()
+    state = request.app.state.mecs
+    metrics = state.metrics
+    model = await state.repository.get(name, parse_version(version))
+    labels = (model.name, model.version_str)
+    try:
+        body = await request.body()
+        req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
+        x, f = _validate(model, req)
+        extra, degraded = _parameters(req)
+        result = await model.correct(x, f, request.scope.get("mecs.ticket"))
+    except ProtocolError as err:
+        metrics.rejected.inc(model.name, err.reason)
+        metrics.infer_requests.inc(*labels, str(err.status))
+        raise ServiceError(err.status, err.message) from None
+    except ServiceError as err:
+        if err.status == 413:
+            metrics.rejected.inc(model.name, "too_large")
+        elif err.status == 503:
+            metrics.overloaded.inc(model.name)
+        metrics.infer_requests.inc(*labels, str(err.status))
+        raise
+    if degraded:
+        metrics.client_degraded.inc(model.name, amount=degraded)
+    n = x.shape[0]
+    ood = result.out_of_distribution
+    n_ood = int(ood.sum())
+    n_capped = int(result.capped.sum())
+    params = {
+        "batch_size": result.batch_size,
+        "out_of_distribution": n_ood > 0,
+        "out_of_distribution_samples": (
+            ",".join(map(str, np.flatnonzero(ood).tolist())) if n_ood else ""
+        ),
+        "capped_values": n_capped,
+        **extra,
+    }
+    header = {"model_name": model.name, "model_version": model.version_str}
+    if req.id is not None:
+        header["id"] = req.id
+    header["parameters"] = params
+    corr = result.correction.astype(DATATYPES[req.datatypes["state"]], copy=False)
+    body, headers = encode_message(header, [("correction", corr, req.wants_binary("correction"))],
+                                   "outputs")  # fmt: skip
+    metrics.infer_requests.inc(*labels, "200")
+    metrics.samples.inc(*labels, amount=n)
+    if n_ood:
+        metrics.ood_samples.inc(*labels, amount=n_ood)
+        metrics.ood_requests.inc(*labels)
+    if n_capped:
+        metrics.capped.inc(*labels, amount=n_capped)
+    elapsed = time.perf_counter() - t0
+    metrics.infer_latency.observe(elapsed, *labels)
+    # standard Server-Timing header (ms): lets a caller split its latency
+    headers["Server-Timing"] = (
+        f"forward;dur={result.forward_s * 1e3:.3f}, total;dur={elapsed * 1e3:.3f}"
+    )
+    return Response(body, headers=headers)

@@ -1,0 +1,199 @@
+"""Service settings: environment (``MECS_*``), an optional config file, then flags.
+
+Precedence, highest first: explicit arguments (``mecs serve`` flags), environment
+variables, the ``--config`` file (JSON, TOML, or a ``KEY=VALUE`` env file), the
+defaults below. API keys are never in code: they come from ``MECS_INFERENCE_KEYS``
+/ ``MECS_ADMIN_KEYS`` (comma-separated) or from ``MECS_API_KEYS_FILE``, a JSON or
+TOML file ``{"inference": [...], "admin": [...]}``. A key written as
+``sha256:<hex>`` is stored as that digest, so plain keys need not sit on disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("mecs.service")
+
+ENV_PREFIX = "MECS_"
+
+
+class SettingsError(ValueError):
+    """A setting or a settings file is wrong; the message names it."""
+
+
+class ServiceSettings(BaseSettings):
+    """Every knob of ``mecs serve``; each is also the env variable ``MECS_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    repository: Path | None = Field(None, description="model repository (name/version/ dirs)")
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    inference_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer keys with the inference scope"
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer keys with the admin scope (implies inference)"
+    )
+    api_keys_file: Path | None = Field(None, description="JSON/TOML file of keys by scope")
+    allow_anonymous: bool = Field(
+        False, description="serve without keys on a non-loopback host (not recommended)"
+    )
+    max_body_bytes: int = Field(64 << 20, gt=0, description="request body limit (413 above)")
+    batch_max_size: int = Field(
+        64, ge=1, description="samples per forward pass; 1 turns micro-batching off"
+    )
+    batch_max_delay_ms: float = Field(
+        2.0, ge=0, description="longest a request waits for companions"
+    )
+    max_queue_samples: int = Field(
+        65536, ge=1, description="queued samples per model version before 503"
+    )
+    inline_forward_max_values: int = Field(
+        1 << 18,
+        ge=0,
+        description="batches up to this many values run on the event loop, larger ones in a "
+        "worker thread",
+    )
+    poll_interval_s: float = Field(
+        2.0, ge=0, description="repository scan period for new versions (0: only on load)"
+    )
+    max_pinned_versions: int = Field(
+        4, ge=0, description="non-default versions kept loaded per model (LRU)"
+    )
+    correction_cap_std: float | None = Field(
+        10.0, description="cap |correction - mean| at this many training-target stds (0: off)"
+    )
+    ood_threshold_std: float = Field(
+        6.0, gt=0, description="flag a sample whose input lies this many stds from the mean"
+    )
+    torch_threads: int = Field(1, ge=0, description="torch intra-op threads (0: leave as is)")
+    torchscript: bool = Field(
+        True, description="run networks as frozen TorchScript traces (checked against eager)"
+    )
+    gc_freeze: bool = Field(True, description="gc.freeze() after start-up (short GC pauses)")
+    keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive connection timeout")
+    metrics_require_auth: bool = Field(False, description="/metrics needs an admin key")
+    docs_enabled: bool = Field(True, description="serve /docs and /openapi.json")
+    log_level: str = Field("info", description="uvicorn and service log level")
+
+    @field_validator("inference_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("correction_cap_std")
+    @classmethod
+    def _cap(cls, value: float | None) -> float | None:
+        if value is not None and value < 0:
+            raise ValueError("must be >= 0 (0 turns the cap off)")
+        return value or None
+
+    def keys_by_scope(self) -> dict[str, list[str]]:
+        """Keys from the settings plus the keys file, by scope ("inference", "admin")."""
+        keys = {"inference": list(self.inference_keys), "admin": list(self.admin_keys)}
+        if self.api_keys_file is not None:
+            for scope, values in read_keys_file(self.api_keys_file).items():
+                keys[scope].extend(values)
+        return keys
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def read_keys_file(path: Path) -> dict[str, list[str]]:
+    """``{"inference": [...], "admin": [...]}`` from a JSON or TOML secrets file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SettingsError(f"api_keys_file {path}: {err.strerror or err}") from None
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        log.warning("api_keys_file %s is readable by group or others; chmod 600 it", path)
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise SettingsError(f"api_keys_file {path}: cannot parse: {err}") from None
+    unknown = set(data) - {"inference", "admin"} if isinstance(data, dict) else {"<not a map>"}
+    if unknown:
+        raise SettingsError(
+            f"api_keys_file {path}: unknown entries {sorted(unknown)}; use 'inference' and 'admin'"
+        )
+    out = {}
+    for scope in ("inference", "admin"):
+        values = data.get(scope, [])
+        if isinstance(values, str):
+            values = [values]
+        if not all(isinstance(v, str) and v for v in values):
+            raise SettingsError(f"api_keys_file {path}: '{scope}' must be a list of strings")
+        out[scope] = list(values)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a JSON, TOML or env (``KEY=VALUE``, ``MECS_`` prefix optional) file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SettingsError(f"config file {path}: {err.strerror or err}") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            from dotenv import dotenv_values
+
+            data = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise SettingsError(f"config file {path}: cannot parse: {err}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a map of settings")
+    out = {}
+    for key, value in data.items():
+        name = key.lower().removeprefix(ENV_PREFIX.lower())
+        if name not in ServiceSettings.model_fields:
+            raise SettingsError(
+                f"config file {path}: unknown setting '{key}' "
+                f"(known: {', '.join(sorted(ServiceSettings.model_fields))})"
+            )
+        out[name] = value
+    return out
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Build settings with the precedence flags > environment > file > defaults.
+
+    ``overrides`` whose value is None are ignored, so argparse defaults of None do
+    not mask the environment.
+    """
+    values = read_config_file(config_file) if config_file else {}
+    # the environment beats the file: drop file values that the environment sets
+    values = {k: v for k, v in values.items() if f"{ENV_PREFIX}{k.upper()}" not in os.environ}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        return ServiceSettings(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SettingsError(f"setting '{where}': {first['msg']}") from None
