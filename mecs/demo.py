@@ -66,7 +66,7 @@ class DemoPlan:
             synth={"duration": 500.0},
             pretrain={**STENCIL, "max_epochs": 30},
             emulator={},
-            finetune={"mode": "hybrid", "iterations": 400, "unroll": 4, "val_every": 50},
+            finetune={"mode": "hybrid", "iterations": 300, "unroll": 10, "val_every": 50},
         )  # fmt: skip
 
 

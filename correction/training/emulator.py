@@ -26,6 +26,8 @@ from correction.hosts import BlackBoxHost, HostModel
 from correction.layout import ModelLayout
 from correction.networks import CorrectionModel
 
+from .settings import settings_from_dict
+
 
 @dataclass
 class EmulatorConfig:
@@ -41,14 +43,10 @@ class EmulatorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EmulatorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown emulator setting(s) {unknown}; known: {sorted(known)}")
         d = dict(d)
         if "perturbations" in d:
             d["perturbations"] = tuple(d["perturbations"])
-        return cls(**d)
+        return settings_from_dict(cls, d, "emulator")
 
 
 def training_states(

@@ -28,6 +28,7 @@ from correction.networks import CorrectionModel
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchStream, IncrementSource
+from .settings import settings_from_dict
 
 
 @dataclass
@@ -54,11 +55,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown pretrain setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return settings_from_dict(cls, d, "pretrain")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
