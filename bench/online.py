@@ -133,7 +133,7 @@ def markdown(results: dict, n_seeds: int, free_run: float) -> str:
         for k, a in s.items():
             bounded = f"{a['free_run_bounded']}/{n_seeds}" if "free_run_bounded" in a else ""
             lines.append(
-                f"| {k} | {_ms(a, 'valid_time')} | {_ms(a, 'gap_closed')} | "
+                f"| {k} | {_ms(a, 'valid_time', 3)} | {_ms(a, 'gap_closed')} | "
                 f"{_ms(a, 'rmse_0.2', 3)} | {_ms(a, 'rmse_1.0', 3)} | {bounded} | "
                 f"{_ms(a, 'std_rel_err', 1, 100)}{' %' if 'std_rel_err' in a else ''} | "
                 f"{_ms(a, 'pdf_hellinger', 3)} | "
