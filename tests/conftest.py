@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_pipeline.config import load_config
+from data_pipeline.synth import generate
+
 # The models under test are tiny: one intra-op thread is fastest, and it keeps the
 # suite from oversubscribing a shared 2-core machine.
 torch.set_num_threads(1)
-
-from data_pipeline.config import load_config
-from data_pipeline.synth import generate
 
 TINY = {
     "duration": 12.0,
