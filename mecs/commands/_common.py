@@ -65,6 +65,15 @@ def load_analyses(path: str | Path, variable: str = "X") -> AnalysisData:
     return AnalysisData(store, values, times, test_start, host_params)
 
 
+def settings_with_flags(args: Any, flags: tuple[str, ...]) -> dict[str, Any]:
+    """Settings from ``--config`` (JSON/TOML), overridden by the flags that were given."""
+    from data_pipeline.config import read_settings_file
+
+    settings = read_settings_file(args.config) if args.config else {}
+    settings.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    return settings
+
+
 def make_named_host(name: str, params: dict[str, Any]):
     from correction.hosts import make_host
 

@@ -12,17 +12,12 @@ def run(args: argparse.Namespace) -> int:
     from correction.hosts import BlackBoxHost
     from correction.layout import ModelLayout
     from correction.training.emulator import EmulatorConfig, train_emulator
-    from data_pipeline.config import ConfigError, read_settings_file
+    from data_pipeline.config import ConfigError
 
-    from ._common import load_analyses, make_named_host
+    from ._common import load_analyses, make_named_host, settings_with_flags
 
     try:
-        settings = read_settings_file(args.config) if args.config else {}
-        if args.seed is not None:
-            settings["seed"] = args.seed
-        if args.epochs is not None:
-            settings["epochs"] = args.epochs
-        cfg = EmulatorConfig.from_dict(settings)
+        cfg = EmulatorConfig.from_dict(settings_with_flags(args, ("seed", "epochs")))
     except (ConfigError, ValueError) as err:
         raise UsageError(f"mecs emulator: {err}") from None
     if Path(args.out).exists():

@@ -10,15 +10,13 @@ from mecs.cli import UsageError
 def run(args: argparse.Namespace) -> int:
     from correction.artifacts import ArtifactError, resolve
     from correction.training.finetune import NEEDS_EMULATOR, FinetuneConfig, finetune
-    from data_pipeline.config import ConfigError, read_settings_file
+    from data_pipeline.config import ConfigError
 
-    from ._common import load_analyses, make_named_host
+    from ._common import load_analyses, make_named_host, settings_with_flags
 
     try:
-        settings = read_settings_file(args.config) if args.config else {}
-        for key in ("mode", "unroll", "iterations", "seed", "lr", "batch_size"):
-            if getattr(args, key) is not None:
-                settings[key] = getattr(args, key)
+        flags = ("mode", "unroll", "iterations", "seed", "lr", "batch_size")
+        settings = settings_with_flags(args, flags)
         if args.curriculum:
             settings["curriculum"] = [int(v) for v in args.curriculum.split(",")]
         cfg = FinetuneConfig.from_dict(settings)

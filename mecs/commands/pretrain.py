@@ -11,15 +11,14 @@ from mecs.cli import UsageError
 def run(args: argparse.Namespace) -> int:
     from correction.artifacts import ArtifactError, check_name
     from correction.training.pretrain import PretrainConfig, pretrain
-    from data_pipeline.config import ConfigError, read_settings_file
+    from data_pipeline.config import ConfigError
+
+    from ._common import settings_with_flags
 
     try:
         check_name(args.name)
-        settings = read_settings_file(args.config) if args.config else {}
-        for key in ("seed", "max_epochs", "network", "batch_size", "lr"):
-            if getattr(args, key) is not None:
-                settings[key] = getattr(args, key)
-        cfg = PretrainConfig.from_dict(settings)
+        flags = ("seed", "max_epochs", "network", "batch_size", "lr")
+        cfg = PretrainConfig.from_dict(settings_with_flags(args, flags))
         if not Path(args.data).exists():
             raise ValueError(f"increment store {args.data} does not exist")
     except (ArtifactError, ConfigError, ValueError) as err:
