@@ -123,6 +123,13 @@ def build_config(
     }
 
 
+def _write_weights(directory: Path, model: torch.nn.Module) -> str:
+    """Save the model's state dict as safetensors in ``directory``; return its sha256."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    return _sha256(directory / WEIGHTS)
+
+
 def publish(
     repository: str | Path,
     name: str,
@@ -140,10 +147,8 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=root))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         body = dict(config)
-        body.update(name=name, weights_sha256=_sha256(tmp / WEIGHTS),
+        body.update(name=name, weights_sha256=_write_weights(tmp, model),
                     published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
         for attempt in range(100):
             v = version if version is not None else (max(list_versions(repository, name),
@@ -172,9 +177,7 @@ def save(path: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        body = dict(config, weights_sha256=_sha256(tmp / WEIGHTS))
+        body = dict(config, weights_sha256=_write_weights(tmp, model))
         (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         os.rename(tmp, path)
     finally:

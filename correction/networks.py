@@ -41,6 +41,19 @@ def _activation(name: str) -> nn.Module:
     return {"gelu": nn.GELU(), "relu": nn.ReLU(), "tanh": nn.Tanh(), "silu": nn.SiLU()}[name]
 
 
+def _stencil_layers(
+    name: str, n_horizontal: int, in_channels: int, out_channels: int, kernel: int,
+    periodic: bool,
+) -> tuple[nn.Module, type[nn.Module]]:  # fmt: skip
+    """The ``kernel``-point first layer and the conv class for pointwise layers."""
+    if n_horizontal not in (1, 2):
+        raise ValueError(f"{name} supports 1 or 2 horizontal dims, got {n_horizontal}")
+    conv = nn.Conv1d if n_horizontal == 1 else nn.Conv2d
+    mode = "circular" if periodic else "zeros"
+    first = conv(in_channels, out_channels, kernel, padding=kernel // 2, padding_mode=mode)
+    return first, conv
+
+
 @register_network("stencil-cnn")
 class StencilCNN(nn.Module):
     """Local stencil network: convolutions over the horizontal dims.
@@ -62,14 +75,9 @@ class StencilCNN(nn.Module):
         activation: str = "gelu",
     ) -> None:
         super().__init__()
-        if n_horizontal not in (1, 2):
-            raise ValueError(f"stencil-cnn supports 1 or 2 horizontal dims, got {n_horizontal}")
-        conv = nn.Conv1d if n_horizontal == 1 else nn.Conv2d
-        mode = "circular" if periodic else "zeros"
-        layers: list[nn.Module] = [
-            conv(in_channels, hidden, kernel, padding=kernel // 2, padding_mode=mode),
-            _activation(activation),
-        ]
+        first, conv = _stencil_layers("stencil-cnn", n_horizontal, in_channels, hidden, kernel,
+                                      periodic)  # fmt: skip
+        layers: list[nn.Module] = [first, _activation(activation)]
         for _ in range(depth - 2):
             layers += [conv(hidden, hidden, 1), _activation(activation)]
         layers.append(conv(hidden, out_channels, 1))
@@ -100,13 +108,9 @@ class BilinearCNN(nn.Module):
         activation: str = "gelu",
     ) -> None:
         super().__init__()
-        if n_horizontal not in (1, 2):
-            raise ValueError(f"bilinear-cnn supports 1 or 2 horizontal dims, got {n_horizontal}")
-        conv = nn.Conv1d if n_horizontal == 1 else nn.Conv2d
-        mode = "circular" if periodic else "zeros"
         self.hidden = hidden
-        self.stencil = conv(in_channels, 3 * hidden, kernel, padding=kernel // 2,
-                            padding_mode=mode)  # fmt: skip
+        self.stencil, conv = _stencil_layers("bilinear-cnn", n_horizontal, in_channels,
+                                             3 * hidden, kernel, periodic)  # fmt: skip
         layers: list[nn.Module] = []
         width = 2 * hidden
         for _ in range(depth - 1):

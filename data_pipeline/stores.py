@@ -47,6 +47,11 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _replace(staging, out)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``, moving an existing ``out`` aside first."""
     trash = None
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -137,13 +142,7 @@ def commit_staging(staging: Path, out: str | Path, overwrite: bool = False) -> N
     """Rename a finished staging directory to ``out`` (replacing it if ``overwrite``)."""
     out = Path(out).absolute()
     check_destination(out, overwrite)
-    trash = None
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(trash)
-    staging.rename(out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    _replace(staging, out)
 
 
 def open_zarr(path: str | Path, **kwargs) -> xr.Dataset:

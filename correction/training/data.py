@@ -9,6 +9,7 @@ run see exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -74,15 +75,21 @@ class IncrementSource:
             arr[arr <= 0] = 1.0  # a constant channel: leave it unscaled
         return tuple(out)
 
+    @functools.cached_property
+    def arrays(self) -> dict[str, Any]:
+        """The zarr arrays of every state and target field, opened once per source."""
+        group = zarr.open_group(str(self.path), mode="r")
+        return {f"{role}_{f}": group[f"{role}_{f}"] for f in self.layout.fields
+                for role in ("state", "target")}  # fmt: skip
+
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Packed (state, target) ``[n, C, *H]`` float32 for samples ``lo:hi``."""
-        group = zarr.open_group(str(self.path), mode="r")
         xs, ys = [], []
         hshape = self.layout.horizontal_shape
         for f in self.layout.fields:
             n = self.layout.n_levels(f)
-            xs.append(np.asarray(group[f"state_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
-            ys.append(np.asarray(group[f"target_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
+            xs.append(np.asarray(self.arrays[f"state_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
+            ys.append(np.asarray(self.arrays[f"target_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
         return (np.concatenate(xs, axis=1).astype(np.float32),
                 np.concatenate(ys, axis=1).astype(np.float32))  # fmt: skip
 

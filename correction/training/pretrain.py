@@ -114,7 +114,8 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     model = CorrectionModel(cfg.network, cfg.params, layout.channels, layout.channels,
                             len(layout.horizontal_dims))  # fmt: skip
-    model.set_normalisation(*source.normalisation())
+    normalisation = source.normalisation()
+    model.set_normalisation(*normalisation)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optim, factor=cfg.lr_factor, patience=cfg.lr_patience
@@ -191,7 +192,7 @@ def pretrain(
 
     model.load_state_dict(best_state)
     model.eval()
-    target_std = float(np.sqrt(np.mean(source.normalisation()[3] ** 2)))
+    target_std = float(np.sqrt(np.mean(normalisation[3] ** 2)))
     config = artifacts.build_config(
         model,
         layout,
