@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -143,7 +144,30 @@ def markdown(results: dict, n_seeds: int, free_run: float, analysis: str = "nois
                 f"{_ms(a, 'wall_seconds', 0)} |"
             )
         lines.append("")
+        rec = recovery(s)
+        if rec:
+            lines += [
+                "Share of the oracle's valid-time gain over `one-step` (differentiable minus "
+                "one-step) that each emulator-gradient mode recovers, from the means: "
+                + ", ".join(f"`{k}` {v:.0%}" for k, v in rec.items()),
+                "",
+            ]
     return "\n".join(lines)
+
+
+def recovery(summary_: dict) -> dict[str, float]:
+    """(mode - one-step) / (differentiable - one-step) of the mean valid times.
+
+    The acceptance measure for emulator gradients; empty when the oracle does not
+    beat ``one-step`` (the ratio means nothing then).
+    """
+    vt = {k: a["valid_time"]["mean"] for k, a in summary_.items()}
+    if not {"one-step", "differentiable"} <= vt.keys():
+        return {}
+    gain = vt["differentiable"] - vt["one-step"]
+    if gain <= 0:
+        return {}
+    return {k: (vt[k] - vt["one-step"]) / gain for k in ("emulator", "hybrid") if k in vt}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -178,13 +202,26 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--free-run", type=float, default=500.0)
     parser.add_argument("--analysis", default="noisy-truth", choices=["noisy-truth", "letkf"])
+    parser.add_argument("--name", help="results name (default: online or online-ANALYSIS)")
+    parser.add_argument("--merge", nargs="+", metavar="NAME",
+                        help="combine earlier results (one per preset, e.g. run in parallel) "
+                             "into --name instead of running")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {p: run_preset(p, args.seeds, args.iterations, args.free_run, args.modes,
-                             args.analysis) for p in args.presets}  # fmt: skip
-    name = "online" if args.analysis == "noisy-truth" else f"online-{args.analysis}"
+    name = args.name or ("online" if args.analysis == "noisy-truth" else f"online-{args.analysis}")
+    if args.merge:
+        parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge]
+        if len({(p.get("analysis", "noisy-truth"), tuple(p["seeds"])) for p in parts}) != 1:
+            raise SystemExit("--merge: the results differ in analysis or seeds")
+        args.analysis = parts[0].get("analysis", "noisy-truth")
+        args.seeds = parts[0]["seeds"]
+        args.free_run = parts[0].get("free_run", args.free_run)
+        results = {k: v for p in parts for k, v in p["results"].items()}
+    else:
+        results = {p: run_preset(p, args.seeds, args.iterations, args.free_run, args.modes,
+                                 args.analysis) for p in args.presets}  # fmt: skip
     write(name, {"analysis": args.analysis, "iterations": args.iterations, "seeds": args.seeds,
-                 "results": results})  # fmt: skip
+                 "free_run": args.free_run, "results": results})  # fmt: skip
     table = markdown(results, len(args.seeds), args.free_run, args.analysis)
     (RESULTS / f"{name}.md").write_text(table)
     plot(results, RESULTS / f"{name}.png")

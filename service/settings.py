@@ -81,6 +81,11 @@ class ServiceSettings(BaseSettings):
         True, description="run networks as frozen TorchScript traces (checked against eager)"
     )
     gc_freeze: bool = Field(True, description="gc.freeze() after start-up (short GC pauses)")
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (when a provider is configured); off, it "
+        "costs nothing per request",
+    )
     keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive connection timeout")
     metrics_require_auth: bool = Field(False, description="/metrics needs an admin key")
     docs_enabled: bool = Field(True, description="serve /docs and /openapi.json")

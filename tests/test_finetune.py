@@ -12,7 +12,7 @@ from correction.emulator import Emulator
 from correction.hosts import BlackBoxHost, HostGradientError, Lorenz96
 from correction.inference import Corrector
 from correction.layout import ModelLayout
-from correction.training.emulator import EmulatorConfig, train_emulator
+from correction.training.emulator import EmulatorConfig, tangent_error, train_emulator
 from correction.training.finetune import (
     MODES,
     FinetuneConfig,
@@ -67,7 +67,8 @@ def test_emulator_round_trip_and_accuracy(emulator_path, analyses):
     emu = Emulator.load(emulator_path)
     cfg = artifacts.read_config(emulator_path)
     assert cfg["kind"] == "emulator" and cfg["emulator"]["host"] == "l96"
-    assert {"one_step_rmse", "ten_step_rmse"} <= set(cfg["metrics"])
+    assert {"one_step_rmse", "ten_step_rmse", "one_step_tangent_rel_err",
+            "ten_step_tangent_rel_err"} <= set(cfg["metrics"])  # fmt: skip
     x = torch.from_numpy(analyses[:8])
     again = Emulator.load(emulator_path)
     torch.testing.assert_close(emu.step(x), again.step(x))
@@ -80,6 +81,15 @@ def test_emulator_round_trip_and_accuracy(emulator_path, analyses):
     with pytest.raises(artifacts.ArtifactError, match="not an emulator"):
         publish_dir = artifacts.save(emulator_path.parent / "not-emu", *make_l96_model())
         Emulator.load(publish_dir)
+
+
+def test_tangent_error_is_measured_with_forward_calls_only(analyses):
+    """The emulator's Jacobian check: zero for an exact stand-in, large for a wrong one."""
+    host = StrictHost()
+    x = analyses[:16]
+    assert tangent_error(Lorenz96(), host, x, 3) < 1e-5
+    assert tangent_error(Lorenz96(dt=0.02), host, x, 3) > 0.5  # twice the step
+    assert host.grad_requests == 0 and host.calls > 0
 
 
 @pytest.mark.parametrize("mode", MODES)
