@@ -150,9 +150,11 @@ class ColumnMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, C, *H] -> [B, *H, C] -> MLP -> back
-        y = self.net(torch.movedim(x, 1, -1))
-        return torch.movedim(y, -1, 1)
+        # [B, C, *H] -> [B, *H, C] -> MLP -> back; explicit non-negative permutations
+        # because torch's ONNX exporter writes movedim's negative axes as an invalid perm
+        n = x.dim()
+        y = self.net(x.permute(0, *range(2, n), 1))
+        return y.permute(0, n - 1, *range(1, n - 1))
 
 
 class CorrectionModel(nn.Module):

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -29,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from correction import artifacts
 from correction.artifacts import ArtifactError
 from correction.inference import Corrector
+from correction.runtime import build_runtime
 
 from .batching import Batcher, BatchResult, Traffic
 from .errors import ServiceError
@@ -65,14 +64,13 @@ class LoadedModel:
         self.dtype = np.dtype(str(corrector.model.in_mean.dtype).removeprefix("torch."))
         self.guard = Guardrails(corrector, settings.correction_cap_std, settings.ood_threshold_std)
         self.loaded_at = time.time()
-        self.compiled = False
-        self._net = None
-        layout = corrector.layout  # single field: [B, *dims] -> [B, C, *H]; else unchanged
-        single = len(layout.fields) == 1
-        self._packed = (layout.channels, *layout.horizontal_shape) if single else ()
-        if settings.torchscript:
-            self._net = self._compile()
-            self.compiled = self._net is not None
+        # the network's input layout is [B, C, *H]; a state [B, *state_shape] is that
+        # layout already (several fields) or a reshape of it (one field)
+        self._packed = (corrector.layout.channels, *corrector.layout.horizontal_shape)
+        self.runtime = build_runtime(
+            corrector.model, self._packed, settings.runtime, settings.torch_threads,
+            label=f"model '{self.name}' v{self.version}",
+        )  # fmt: skip
         labels = (self.name, self.version_str)
 
         def observe(samples: int, requests: int, seconds: float, waits: list[float]) -> None:
@@ -93,63 +91,13 @@ class LoadedModel:
             observe=observe,
         )
 
-    def _compile(self):
-        """TorchScript (trace, freeze) of the network for inference, or None.
-
-        A small correction network is dominated by per-operator overhead in eager
-        mode (~10 us per op on a 2-core machine); a frozen trace halves the forward
-        time. The trace is checked against the eager model on two batch sizes and
-        dropped, with a log line, if it disagrees or cannot be built.
-        """
-        layout = self.corrector.layout
-        model = self.corrector.model
-        gen = torch.Generator().manual_seed(0)
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                probe = layout.pack(self._probe(1, gen))
-                f = None
-                if self.n_forcings:
-                    f = torch.randn(1, self.n_forcings, generator=gen).to(probe.dtype)
-                args = (probe,) if f is None else (probe, f)
-                net = torch.jit.optimize_for_inference(
-                    torch.jit.freeze(torch.jit.trace(model, args, check_trace=False))
-                )
-                for b in (1, 5):
-                    x = layout.pack(self._probe(b, gen))
-                    fb = None if f is None else f.expand(b, -1).contiguous()
-                    ref = model(x, fb)
-                    got = net(x) if fb is None else net(x, fb)
-                    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4,
-                                                                    atol=1e-5):  # fmt: skip
-                        raise ValueError("traced network disagrees with the eager one")
-            return net
-        except Exception as err:  # fall back to eager: correct, just slower
-            log.warning("model '%s' v%d runs eagerly (TorchScript: %s)", self.name,
-                        self.version, err)  # fmt: skip
-            return None
-
-    def _probe(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        mean = torch.as_tensor(self.corrector.in_mean.mean(), dtype=torch.float64)
-        std = torch.as_tensor(self.corrector.in_std.mean(), dtype=torch.float64)
-        x = mean + std * torch.randn(batch, *self.state_shape, generator=gen, dtype=torch.float64)
-        return x.to(self.corrector.model.in_mean.dtype)
-
     def compute(
         self, state: np.ndarray, forcings: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One forward pass on a stacked batch, then the guardrails."""
-        x = torch.from_numpy(state)
-        f = None if forcings is None else torch.from_numpy(forcings)
-        if self._net is None:
-            y = self.corrector.forward(x, f)
-        else:  # the layout's pack/unpack with the shapes worked out once (hot path)
-            n = x.shape[0]
-            with torch.inference_mode():
-                packed = x.reshape(n, *self._packed) if self._packed else x
-                y = self._net(packed) if f is None else self._net(packed, f)
-                y = y.reshape(n, *self.state_shape)
-        return self.guard.apply(state, y.numpy())
+        n = state.shape[0]
+        y = self.runtime(state.reshape(n, *self._packed), forcings)
+        return self.guard.apply(state, y.reshape(n, *self.state_shape))
 
     async def correct(
         self, state: np.ndarray, forcings: np.ndarray | None = None, ticket=None
@@ -193,6 +141,7 @@ class LoadedModel:
                 ],  # fmt: skip
                 "correction": "tendency correction, state units per unit time",
                 "network": config.get("network", {}).get("name"),
+                "runtime": self.runtime.name,
                 "training_mode": (config.get("training") or {}).get("mode"),
                 "published_at": config.get("published_at"),
                 "parent_version": config.get("parent_version"),

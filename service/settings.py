@@ -16,7 +16,7 @@ import logging
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -77,8 +77,10 @@ class ServiceSettings(BaseSettings):
         6.0, gt=0, description="flag a sample whose input lies this many stds from the mean"
     )
     torch_threads: int = Field(1, ge=0, description="torch intra-op threads (0: leave as is)")
-    torchscript: bool = Field(
-        True, description="run networks as frozen TorchScript traces (checked against eager)"
+    runtime: Literal["onnxruntime", "torchscript", "eager"] = Field(
+        "onnxruntime",
+        description="inference runtime, checked against eager torch at load; falls back "
+        "along onnxruntime, torchscript, eager",
     )
     gc_freeze: bool = Field(True, description="gc.freeze() after start-up (short GC pauses)")
     opentelemetry: bool = Field(

@@ -488,15 +488,18 @@ def test_other_networks_and_forcings_inputs(l96_repository):
         r = c.post("/v2/models/forced/infer", content=body, headers=headers)
         assert r.status_code == 400 and "expected [3, 2]" in r.json()["error"]
         slots = c.app.state.mecs.repository.slots
-        assert all(s.default.compiled for s in slots.values())  # TorchScript took every one
+        # ONNX Runtime took every one, forcings included
+        assert all(s.default.runtime.name == "onnxruntime" for s in slots.values())
 
 
-def test_eager_mode_gives_the_same_answers(l96_repository):
-    x = states(2)
-    with TestClient(create_app(service_settings(l96_repository, torchscript=False))) as c:
-        assert not c.app.state.mecs.repository.slots["l96"].default.compiled
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript", "eager"])
+def test_every_runtime_gives_the_same_answers(l96_repository, runtime):
+    x = states(7)
+    with TestClient(create_app(service_settings(l96_repository, runtime=runtime))) as c:
+        assert c.app.state.mecs.repository.slots["l96"].default.runtime.name == runtime
+        assert c.get("/v2/models/l96").json()["parameters"]["runtime"] == runtime
         _, y = infer(c, x)
-    np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96")(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96")(x), rtol=1e-5, atol=1e-6)
 
 
 def test_dependency_rule():

@@ -1,0 +1,73 @@
+"""Inference runtimes: same answers as eager torch, and a safe fall-back order."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_l96_model
+
+from correction import runtime as rt
+from correction.networks import CorrectionModel
+
+RNG = np.random.default_rng(3)
+
+
+def _states(n: int, dtype=np.float32) -> np.ndarray:
+    return RNG.normal(2.5, 3.6, (n, 1, 36)).astype(dtype)
+
+
+@pytest.mark.parametrize("network", ["stencil-cnn", "column-mlp"])
+@pytest.mark.parametrize("name", rt.RUNTIMES)
+def test_each_runtime_matches_eager_at_any_batch_size(network, name):
+    model, _ = make_l96_model(network=network)
+    runtime = rt.build_runtime(model, (1, 36), name)
+    assert runtime.name == name
+    for n in (1, 3, 64):  # the export fixes no batch size
+        x = _states(n)
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        got = runtime(x)
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_forcings_are_a_second_input():
+    torch.manual_seed(0)
+    model = CorrectionModel("column-mlp", {"hidden": 16, "depth": 2}, 1, 1, 1, n_forcings=2)
+    runtime = rt.build_runtime(model.eval(), (1, 36), "onnxruntime")
+    assert runtime.name == "onnxruntime"
+    x, f = _states(4), RNG.normal(size=(4, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x), torch.from_numpy(f)).numpy()
+    np.testing.assert_allclose(runtime(x, f), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_runtime_that_disagrees_is_dropped_for_the_next(monkeypatch, caplog):
+    """A wrong fast answer never reaches a caller: the next runtime serves instead."""
+    model, _ = make_l96_model()
+    original = rt.OnnxRuntime.__call__
+
+    def off_by_a_little(self, x, f=None):
+        return original(self, x, f) + 1e-3
+
+    monkeypatch.setattr(rt.OnnxRuntime, "__call__", off_by_a_little)
+    with caplog.at_level(logging.WARNING, logger="mecs.runtime"):
+        runtime = rt.build_runtime(model, (1, 36), "onnxruntime", label="model 'l96' v1")
+    assert runtime.name == "torchscript"
+    assert "model 'l96' v1: runtime onnxruntime not used (RuntimeCheckError" in caplog.text
+
+    def broken(*args, **kwargs):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr(rt, "OnnxRuntime", broken)
+    monkeypatch.setattr(rt, "TorchScriptRuntime", broken)
+    assert rt.build_runtime(model, (1, 36)).name == "eager"
+
+
+def test_unknown_runtime_is_refused():
+    model, _ = make_l96_model()
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        rt.build_runtime(model, (1, 36), "tensorrt")
