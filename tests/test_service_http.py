@@ -37,6 +37,13 @@ def test_binary_and_json_over_http_equal_in_process(start_server, l96_repository
             np.testing.assert_allclose(single, corr(x[0]), rtol=1e-4, atol=1e-5)
             assert client.metadata()["inputs"][0]["shape"] == [-1, 36]
             assert client.ready() and client.live()
+    # a large state: many request chunks, a response sent as its parts (worker thread)
+    big = RNG.normal(2.5, 3.6, (3000, 36)).astype(np.float32)
+    with CorrectionClient(server.url, "l96", timeout=30) as client:
+        for _ in range(2):  # and the connection stays usable after it
+            res = client.infer(big)
+            np.testing.assert_allclose(res.correction, corr(big), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(client.correct(x[:2]), corr(x[:2]), rtol=1e-4, atol=1e-5)
 
 
 def test_stock_protocol_client_bytes(start_server, l96_repository):

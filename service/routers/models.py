@@ -20,7 +20,7 @@ from ..protocol import (
     DATATYPES,
     InferRequest,
     ProtocolError,
-    encode_message,
+    encode_message_parts,
     parse_infer_request,
 )
 from ..repository import LoadedModel, parse_version
@@ -153,6 +153,24 @@ def _parameters(req: InferRequest) -> tuple[dict, int]:
     return out, degraded
 
 
+async def _read_body(request: Request) -> bytes | bytearray:
+    """The body as it came when it is one chunk; else joined into one writable buffer.
+
+    A large state arrives in many chunks; joined into a ``bytearray`` (one copy, as
+    ``b"".join`` would make) its tensors are writable numpy views, so validation
+    does not copy them again.
+    """
+    chunks = [chunk async for chunk in request.stream() if chunk]
+    if len(chunks) <= 1:
+        return chunks[0] if chunks else b""
+    buf = bytearray(sum(len(c) for c in chunks))
+    view, at = memoryview(buf), 0
+    for c in chunks:
+        view[at : at + len(c)] = c
+        at += len(c)
+    return buf
+
+
 async def infer_handler(request: Request, name: str, version: str | None) -> Response:
     """Decode, validate, correct (through the batch queue) and encode one request."""
     t0 = time.perf_counter()
@@ -161,7 +179,7 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     model = await state.repository.get(name, parse_version(version))
     labels = (model.name, model.version_str)
     try:
-        body = await request.body()
+        body = await _read_body(request)
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
         x, f = _validate(model, req)
         extra, degraded = _parameters(req)
@@ -197,8 +215,9 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         header["id"] = req.id
     header["parameters"] = params
     corr = result.correction.astype(DATATYPES[req.datatypes["state"]], copy=False)
-    body, headers = encode_message(header, [("correction", corr, req.wants_binary("correction"))],
-                                   "outputs")  # fmt: skip
+    parts, headers = encode_message_parts(
+        header, [("correction", corr, req.wants_binary("correction"))], "outputs"
+    )
     metrics.infer_requests.inc(*labels, "200")
     metrics.samples.inc(*labels, amount=n)
     if n_ood:
@@ -212,4 +231,32 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     headers["Server-Timing"] = (
         f"forward;dur={result.forward_s * 1e3:.3f}, total;dur={elapsed * 1e3:.3f}"
     )
-    return Response(body, headers=headers)
+    if len(parts) > 1 and len(parts[1]) > _JOIN_BELOW:
+        return PartsResponse(parts, headers)
+    return Response(b"".join(parts), headers=headers)
+
+
+# Responses above this size go out as their parts (no copy of the tensor); below it,
+# one joined buffer is one socket write instead of two, which is what small calls need.
+_JOIN_BELOW = 1 << 16
+
+
+class PartsResponse(Response):
+    """A response sent as several buffers (``http.response.body`` messages) in order."""
+
+    def __init__(self, parts: list, headers: dict[str, str], status_code: int = 200) -> None:
+        self.parts = parts
+        self.status_code = status_code
+        self.background = None
+        self.body = b""
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                            for k, v in headers.items()]  # fmt: skip
+        length = sum(len(p) for p in parts)
+        self.raw_headers.append((b"content-length", str(length).encode("latin-1")))
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})  # fmt: skip
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
