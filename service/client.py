@@ -37,7 +37,7 @@ import numpy as np
 from .protocol import (
     HEADER_LENGTH,
     decode_infer_response,
-    encode_infer_request,
+    encode_infer_request_parts,
 )
 
 Policy = Literal["raise", "zero", "last"]
@@ -104,18 +104,20 @@ class _Connection:
         self.sock = self.reader = None
 
     def request(
-        self, head: bytes, body: bytes, timeout: float
+        self, head: bytes, body: bytes | list[bytes | memoryview], timeout: float
     ) -> tuple[int, dict[str, str], bytearray]:
         if self.sock is None:
             self.open()
         else:
             self.reused = True
         self.sock.settimeout(timeout)
-        if len(body) <= 65536:
-            self.sock.sendall(head + body)
-        else:
-            self.sock.sendall(head)
-            self.sock.sendall(body)
+        parts = [body] if isinstance(body, bytes | bytearray | memoryview) else body
+        if sum(len(p) for p in parts) <= 65536:  # one write for a small request
+            self.sock.sendall(b"".join([head, *parts]))
+        else:  # a large tensor goes out from its own memory, not joined into a copy
+            self.sock.sendall(head + parts[0])
+            for part in parts[1:]:
+                self.sock.sendall(part)
         return self._read_response()
 
     def _read_response(self) -> tuple[int, dict[str, str], bytearray]:
@@ -221,10 +223,12 @@ class CorrectionClient:
         return "".join(lines).encode("latin-1")
 
     def _send(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-        idempotent: bool = True, timeout: float | None = None,
+        self, method: str, path: str, body: bytes | list[bytes | memoryview] = b"",
+        headers: dict[str, str] | None = None, idempotent: bool = True,
+        timeout: float | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:  # fmt: skip
-        head = self._head(method, path, headers or {}, len(body))
+        size = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
+        head = self._head(method, path, headers or {}, size)
         attempts = 1 + (self.retries if idempotent else 0)
         delay = self.backoff
         last: Exception | None = None
@@ -320,7 +324,7 @@ class CorrectionClient:
         inputs = {"state": batch}
         if forcings is not None:
             inputs["forcings"] = np.asarray(forcings, dtype=batch.dtype).reshape(len(batch), -1)
-        body, headers = encode_infer_request(
+        body, headers = encode_infer_request_parts(
             inputs, binary=self.binary if binary is None else binary, request_id=request_id,
             parameters=params,
         )  # fmt: skip

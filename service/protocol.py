@@ -266,6 +266,18 @@ def encode_infer_request(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """What a client sends: FP32/FP64 inputs, outputs requested binary when ``binary``."""
+    parts, headers = encode_infer_request_parts(inputs, binary, outputs, request_id, parameters)
+    return parts[0] if len(parts) == 1 else b"".join(parts), headers
+
+
+def encode_infer_request_parts(
+    inputs: Mapping[str, np.ndarray],
+    binary: bool = True,
+    outputs: Sequence[str] = ("correction",),
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[list[bytes | memoryview], dict[str, str]]:
+    """:func:`encode_infer_request` as body parts: a large state is sent without a copy."""
     header: dict[str, Any] = {}
     if request_id is not None:
         header["id"] = request_id
@@ -280,7 +292,7 @@ def encode_infer_request(
         if arr.dtype not in DTYPE_NAMES:
             raise TypeError(f"input '{name}' must be float32 or float64, got {arr.dtype}")
         tensors.append((name, np.ascontiguousarray(arr), binary))
-    return encode_message(header, tensors, "inputs")
+    return encode_message_parts(header, tensors, "inputs")
 
 
 def decode_infer_response(

@@ -180,9 +180,11 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     labels = (model.name, model.version_str)
     try:
         body = await _read_body(request)
+        t_read = time.perf_counter()
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
         x, f = _validate(model, req)
         extra, degraded = _parameters(req)
+        t_decode = time.perf_counter()
         result = await model.correct(x, f, request.scope.get("mecs.ticket"))
     except ProtocolError as err:
         metrics.rejected.inc(model.name, err.reason)
@@ -229,6 +231,7 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     metrics.infer_latency.observe(elapsed, *labels)
     # standard Server-Timing header (ms): lets a caller split its latency
     headers["Server-Timing"] = (
+        f"read;dur={(t_read - t0) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "
         f"forward;dur={result.forward_s * 1e3:.3f}, total;dur={elapsed * 1e3:.3f}"
     )
     if len(parts) > 1 and len(parts[1]) > _JOIN_BELOW:
