@@ -4,13 +4,20 @@ Starts ``mecs serve`` in subprocesses on 127.0.0.1 over a small l96 model and
 measures, writing ``bench/results/service.json``:
 
 1. one l96 correction (1 x 36 FP32): p50/p99 round trip over HTTP (binary) against
-   the in-process ``Corrector`` call, plus the bare HTTP floor (``/v2/health/live``);
+   the in-process ``Corrector`` call, the server's own runtime called in process, and
+   the bare HTTP floor (``/v2/health/live``), measured in interleaved blocks so
+   that all of them see the same machine;
 2. 40 concurrent independent callers (separate processes, one state each, closed
-   loop), with micro-batching and without (``MECS_BATCH_MAX_SIZE=1``);
+   loop), with micro-batching and without (``MECS_BATCH_MAX_SIZE=1``), for the
+   default runtime (ONNX Runtime) and for TorchScript, whose forward costs more:
+   four servers at once, the same callers taking turns on them in interleaved
+   windows (a side-by-side comparison on a shared machine);
 3. the same 40 members sent as one batched request per step;
 4. a 4 MB state (29127 x 36 FP32), binary against JSON: round trip, and the transport
    cost alone (round trip minus the server's forward time, from its ``Server-Timing``
-   header), against the in-process forward.
+   header), against the in-process forward;
+5. floors: a bare ASGI echo app on uvicorn, in its own process, answering the same
+   bytes as a small call and as the 4 MB state, with the same client connection.
 
 Usage: ``python bench/service.py [--duration 3] [--calls 3000] [--out PATH]``.
 The machine's load average is recorded: figures from a busy machine are not floors.
@@ -19,6 +26,7 @@ The machine's load average is recorded: figures from a busy machine are not floo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -46,6 +54,63 @@ def pct(values, q) -> float:
 
 def summary(values) -> dict:
     return {"p50_us": pct(values, 50), "p99_us": pct(values, 99), "n": len(values)}
+
+
+async def _echo_app(scope, receive, send):
+    """The floor: read the whole body and answer it, no framework in between."""
+    if scope["type"] != "http":
+        return
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _serve_echo(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(_echo_app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def echo_floor(sizes: dict[str, int], calls: int, big_reps: int) -> dict:
+    """Round trips of a bare uvicorn echo (own process) with the project's connection."""
+    import socket
+
+    from service.client import _Connection
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = mp.get_context("spawn").Process(target=_serve_echo, args=(port,), daemon=True)
+    proc.start()
+    conn = _Connection("127.0.0.1", port, False, 1.0)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                conn.open()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        out = {}
+        for label, n in sizes.items():
+            body = bytes(n)
+            head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n".encode()
+            reps = calls if n < 65536 else big_reps * 4
+            times = timed(lambda: conn.request(head, body, 30), reps, max(reps // 10, 2))  # noqa: B023
+            out[label] = {"bytes": n, **summary(times)}
+        return out
+    finally:
+        conn.close()
+        proc.terminate()
+        proc.join(10)
 
 
 class Server:
@@ -87,56 +152,104 @@ def timed(fn, n: int, warmup: int = 200) -> list[float]:
     return out
 
 
-def _caller(url, state, start, stop_at, ready, queue):
-    """One independent caller (its own process): closed loop until ``stop_at``."""
+def _caller(urls, state, schedule, t0, ready, queue):
+    """One independent caller (its own process): a closed loop on each window's server."""
     from service.client import CorrectionClient
 
-    lat, sizes = [], []
-    with CorrectionClient(url, "l96", timeout=30) as c:
+    clients = {k: CorrectionClient(u, "l96", timeout=30) for k, u in urls.items()}
+    for c in clients.values():
         for _ in range(20):
             c.infer(state)
-        ready.put(1)
-        start.wait()
-        while time.time() < stop_at.value:
+    ready.put(1)
+    while t0.value == 0.0:
+        time.sleep(0.005)
+    out = []
+    for label, begin, end in schedule:
+        while time.time() < t0.value + begin:
+            time.sleep(0.001)
+        c, lat, sizes = clients[label], [], []
+        while time.time() < t0.value + end:
             t = time.perf_counter()
             r = c.infer(state)
             lat.append(time.perf_counter() - t)
             sizes.append(r.batch_size)
-    queue.put((lat, sizes))
+        out.append((label, lat, sizes))
+    for c in clients.values():
+        c.close()
+    queue.put(out)
 
 
-def concurrent_callers(url: str, states: np.ndarray, duration: float) -> dict:
+def concurrent_callers(urls: dict[str, str], states: np.ndarray, duration: float,
+                       rounds: int = 3, pids: dict[str, int] | None = None) -> dict:  # fmt: skip
+    """40 caller processes, taking turns on each server in ``urls``: a side-by-side run.
+
+    The same processes call every server, in windows of ``duration`` seconds
+    interleaved over ``rounds`` rounds (order reversed every other round), so slow
+    drifts of a shared machine hit every configuration alike. Throughput is per
+    window; a ratio between two servers is the median of their per-round ratios.
+    With ``pids``, each server's CPU time per request over the run is reported too.
+    """
+    import psutil
+
     ctx = mp.get_context("spawn")
-    start, queue, ready = ctx.Event(), ctx.Queue(), ctx.Queue()
-    stop_at = ctx.Value("d", 0.0)
+    queue, ready = ctx.Queue(), ctx.Queue()
+    t0 = ctx.Value("d", 0.0)
+    labels, schedule, at = list(urls), [], 0.0
+    for r in range(rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            schedule.append((label, at, at + duration))
+            at += duration + 0.3  # a gap: the previous window's last calls drain
     procs = [
-        ctx.Process(target=_caller, args=(url, states[i : i + 1], start, stop_at, ready, queue))
+        ctx.Process(target=_caller, args=(urls, states[i : i + 1], schedule, t0, ready, queue))
         for i in range(len(states))
     ]
     for p in procs:
         p.start()
-    for _ in procs:  # every caller imported and warmed up
+    for _ in procs:  # every caller imported and warmed up on every server
         ready.get(timeout=300)
     time.sleep(1.0)  # let the machine settle after the start-up burst
-    stop_at.value = time.time() + duration + 0.5
-    start.set()
-    results = [queue.get(timeout=duration + 120) for _ in procs]
+    servers = {k: psutil.Process(pid) for k, pid in (pids or {}).items()}
+    cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in servers.items()}
+    t0.value = time.time() + 0.2
+    results = [queue.get(timeout=at + 120) for _ in procs]
+    cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in servers.items()}
     for p in procs:
         p.join()
-    lat = [x for r, _ in results for x in r]
-    sizes = [s for _, ss in results for s in ss]
-    calls = len(lat)
-    return {
-        "callers": len(procs),
-        "requests_per_s": round(calls / (duration + 0.5), 1),
-        "latency": summary(lat),
-        "mean_batch_size": round(float(np.mean(sizes)), 2),
-    }
+    out = {}
+    for label in labels:
+        per_round = []
+        lat, sizes = [], []
+        for w in range(rounds):
+            calls = 0
+            for res in results:
+                windows = [x for x in res if x[0] == label]
+                calls += len(windows[w][1])
+                lat += windows[w][1]
+                sizes += windows[w][2]
+            per_round.append(calls / duration)
+        out[label] = {
+            "callers": len(procs),
+            "requests_per_s": round(float(np.median(per_round)), 1),
+            "requests_per_s_by_round": [round(x, 1) for x in per_round],
+            "latency": summary(lat),
+            "mean_batch_size": round(float(np.mean(sizes)), 2),
+        }
+        if label in cpu:  # user + system time of the server process, per answered call
+            out[label]["server_cpu_us_per_request"] = round(cpu[label] / len(lat) * 1e6, 1)
+    return out
+
+
+def ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's throughput over b's (same rounds, side by side)."""
+    pairs = zip(a["requests_per_s_by_round"], b["requests_per_s_by_round"], strict=True)
+    return round(float(np.median([x / y for x, y in pairs])), 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run")
+    parser.add_argument("--duration", type=float, default=2.0,
+                        help="seconds per throughput window")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of throughput windows")
     parser.add_argument("--calls", type=int, default=3000, help="calls for the latency figures")
     parser.add_argument("--big-reps", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
@@ -148,7 +261,9 @@ def main() -> None:
 
     from correction.artifacts import publish
     from correction.inference import Corrector
+    from correction.runtime import build_runtime
     from service.client import CorrectionClient
+    from service.protocol import encode_infer_request
 
     torch.set_num_threads(1)  # as the server does
     load_before = os.getloadavg()
@@ -166,15 +281,27 @@ def main() -> None:
         big = rng.normal(2.5, 3.6, (BIG_ROWS, 36)).astype(np.float32)
 
         with Server(repo) as server, CorrectionClient(server.url, "l96", timeout=120) as c:
-            # 1. one call
-            in_process = timed(lambda: corr(x1), args.calls)
-            live = timed(lambda: c.live(), args.calls)
-            http = timed(lambda: c.infer(x1), args.calls)
-            results["single_call"] = {
-                "in_process": summary(in_process),
-                "http_binary": summary(http),
-                "http_floor_health_live": summary(live),
+            # 1. one call; interleaved blocks, so that every figure sees the same machine
+            runtime = build_runtime(corr.model, (1, 36), "onnxruntime")
+            packed = x1.reshape(1, 1, 36)
+            fns = {
+                "in_process": lambda: corr(x1),
+                "in_process_runtime": lambda: runtime(packed),
+                "http_floor_health_live": c.live,
+                "http_binary": lambda: c.infer(x1),
             }
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            client_cpu = 0.0
+            for block in range(10):
+                for k, fn in fns.items():
+                    cpu = time.process_time()
+                    times[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
+                    if k == "http_binary":  # this process's CPU (user + kernel) per call
+                        client_cpu += time.process_time() - cpu
+            results["single_call"] = {k: summary(v) for k, v in times.items()}
+            results["single_call"]["runtime"] = runtime.name
+            n_http = len(times["http_binary"]) + 200 + 9 * 20
+            results["single_call"]["client_cpu_us_per_call"] = round(client_cpu / n_http * 1e6, 1)
             print("single call", json.dumps(results["single_call"]), flush=True)
             # 3. 40 members in one request per step
             n_steps = 0
@@ -221,22 +348,44 @@ def main() -> None:
                 / max(rows["binary"]["transport_overhead_ms"], 0.1), 1)  # fmt: skip
             results["state_4mb"] = rows
             print("4 MB", json.dumps(rows), flush=True)
-            # 2a. 40 independent callers, micro-batching on
-            results["callers_40_batched"] = concurrent_callers(server.url, members, args.duration)
-            print("batched", json.dumps(results["callers_40_batched"]), flush=True)
-        # 2b. the same without micro-batching
-        with Server(repo, batch_max_size=1) as server:
-            results["callers_40_unbatched"] = concurrent_callers(server.url, members,
-                                                                 args.duration)  # fmt: skip
-            print("unbatched", json.dumps(results["callers_40_unbatched"]), flush=True)
+        # 2. 40 independent callers, micro-batching on and off, for both runtimes: the
+        # four servers run at once and the same callers take turns on them
+        configs = {
+            "batched": {},
+            "unbatched": {"batch_max_size": 1},
+            "batched_torchscript": {"runtime": "torchscript"},
+            "unbatched_torchscript": {"runtime": "torchscript", "batch_max_size": 1},
+        }
+        with contextlib.ExitStack() as stack:
+            servers = {k: stack.enter_context(Server(repo, **env)) for k, env in configs.items()}
+            callers = concurrent_callers({k: v.url for k, v in servers.items()}, members,
+                                         args.duration, args.rounds,
+                                         {k: v.proc.pid for k, v in servers.items()})  # fmt: skip
+        for k, v in callers.items():
+            results[f"callers_40_{k}"] = v
+            print(f"callers_40_{k}", json.dumps(v), flush=True)
+        # 5. floors: bare uvicorn echo of the same bytes
+        sizes = {"small_call": len(encode_infer_request({"state": x1})[0]),
+                 "state_4mb": BIG_ROWS * 36 * 4}  # fmt: skip
+        results["floor_bare_echo"] = echo_floor(sizes, args.calls, args.big_reps)
+        print("floor", json.dumps(results["floor_bare_echo"]), flush=True)
 
     single = results["single_call"]["http_binary"]
     unbatched = results["callers_40_unbatched"]["requests_per_s"]
     results["ratios"] = {
-        "batching_speedup_40_callers": round(
-            results["callers_40_batched"]["requests_per_s"] / unbatched, 2),
+        "batching_speedup_40_callers": ratio(callers["batched"], callers["unbatched"]),
+        "batching_speedup_40_callers_torchscript": ratio(callers["batched_torchscript"],
+                                                         callers["unbatched_torchscript"]),
+        "batching_server_cpu_saving_40_callers": round(
+            callers["unbatched"]["server_cpu_us_per_request"]
+            / callers["batched"]["server_cpu_us_per_request"], 2),
         "one_request_vs_member_per_request": round(
             results["one_request_40_members"]["member_steps_per_s"] / unbatched, 1),
+        "single_call_over_bare_echo_p50_us": round(
+            single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1),
+        "transport_4mb_over_bare_echo_ms": round(
+            results["state_4mb"]["binary"]["transport_overhead_ms"]
+            - results["floor_bare_echo"]["state_4mb"]["p50_us"] / 1e3, 1),
     }  # fmt: skip
     results["targets"] = {
         "single_call_p50_le_500us": single["p50_us"] <= 500,
@@ -255,7 +404,8 @@ def main() -> None:
             "load_average_before": [round(v, 2) for v in load_before],
             "other_jobs_cpu_percent_before": busy_before,
         },
-        "model": "l96 stencil-cnn (hidden 16, depth 3), state [36] FP32",
+        "model": "l96 stencil-cnn (hidden 16, depth 3, kernel 5), state [36] FP32",
+        "runtime": results["single_call"]["runtime"],
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
