@@ -22,6 +22,7 @@ import torch
 
 from correction.hosts import HostModel
 from correction.inference import Corrector
+from correction.runtime import build_runtime
 
 from .client import CorrectionClient
 from .guardrails import Guardrails
@@ -40,14 +41,19 @@ class CorrectionSource(Protocol):
 
 
 class LocalCorrection:
-    """A corrector in this process, with the service's guardrails."""
+    """A corrector in this process, with the service's runtime and guardrails."""
 
     def __init__(
-        self, corrector: Corrector, cap_std: float | None = 10.0, ood_threshold_std: float = 6.0
-    ) -> None:
+        self, corrector: Corrector, cap_std: float | None = 10.0, ood_threshold_std: float = 6.0,
+        runtime: str = "onnxruntime",
+    ) -> None:  # fmt: skip
         self.corrector = corrector
         self.guard = Guardrails(corrector, cap_std, ood_threshold_std)
-        self.dtype = corrector.model.in_mean.dtype
+        self.dtype = np.dtype(str(corrector.model.in_mean.dtype).removeprefix("torch."))
+        layout = corrector.layout
+        self._packed = (layout.channels, *layout.horizontal_shape)
+        self.runtime = build_runtime(corrector.model, self._packed, runtime,
+                                     label=f"model '{corrector.name}'")  # fmt: skip
         self.version = int(corrector.version) if corrector.version is not None else None
         self.description = f"in-process {corrector.name} v{self.version}"
         self.degraded_steps = 0
@@ -55,9 +61,11 @@ class LocalCorrection:
         self.capped_values = 0
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(state)).to(self.dtype)
-        y = self.corrector.forward(x).numpy()
-        corr, ood, capped = self.guard.apply(x.numpy(), y)
+        self.corrector.layout.check_state(state)
+        x = np.ascontiguousarray(state, dtype=self.dtype)
+        n = x.shape[0]
+        y = self.runtime(x.reshape(n, *self._packed)).reshape(x.shape)
+        corr, ood, capped = self.guard.apply(x, y)
         self.ood_sample_steps += int(ood.sum())
         self.capped_values += int(capped.sum())
         return corr.astype(state.dtype)

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         except ArtifactError as err:
             raise UsageError(f"mecs forecast: {err}") from None
         source = LocalCorrection(corrector, cap_std=args.cap_std or None,
-                                 ood_threshold_std=args.ood_std)  # fmt: skip
+                                 ood_threshold_std=args.ood_std, runtime=args.runtime)  # fmt: skip
         variables = source.variables()
     if len(variables) != 1:
         raise UsageError("mecs forecast: only single-field models are supported for now")
@@ -259,5 +259,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=6.0,
         help="in-process only: out-of-distribution threshold in training stds",
     )
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torchscript",
+                   "eager"], help="in-process only: inference runtime, as the service's "
+                   "MECS_RUNTIME (checked against eager at load, falls back)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
