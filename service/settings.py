@@ -83,6 +83,13 @@ class ServiceSettings(BaseSettings):
         "along onnxruntime, torchscript, eager",
     )
     gc_freeze: bool = Field(True, description="gc.freeze() after start-up (short GC pauses)")
+    malloc_mmap_threshold_mb: int = Field(
+        32,
+        ge=0,
+        le=32,
+        description="glibc malloc: buffers below this many MB come from the heap instead of "
+        "fresh mmaps (a 4 MB body reads ~3x faster); 0 leaves malloc as it is",
+    )
     opentelemetry: bool = Field(
         False,
         description="FastAPI's native OpenTelemetry (when a provider is configured); off, it "

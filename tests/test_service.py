@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import platform
 import re
 import time
 
@@ -500,6 +501,14 @@ def test_every_runtime_gives_the_same_answers(l96_repository, runtime):
         assert c.get("/v2/models/l96").json()["parameters"]["runtime"] == runtime
         _, y = infer(c, x)
     np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96")(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_tuning_takes_effect_on_glibc():
+    from service.app import tune_malloc
+
+    assert tune_malloc(32 << 20)
+    assert tune_malloc(1 << 30)  # clamped to glibc's ceiling, not refused
 
 
 def test_dependency_rule():
