@@ -16,8 +16,9 @@ measures, writing ``bench/results/service.json``:
 4. a 4 MB state (29127 x 36 FP32), binary against JSON: round trip, and the transport
    cost alone (round trip minus the server's forward time, from its ``Server-Timing``
    header), against the in-process forward;
-5. floors: a bare ASGI echo app on uvicorn, in its own process, answering the same
-   bytes as a small call and as the 4 MB state, with the same client connection.
+5. floors: a bare ASGI echo app on uvicorn, in its own process with the service's
+   malloc tuning, answering the same bytes as a small call and as the 4 MB state,
+   with the same client connection.
 
 Usage: ``python bench/service.py [--duration 3] [--calls 3000] [--out PATH]``.
 The machine's load average is recorded: figures from a busy machine are not floors.
@@ -74,6 +75,9 @@ async def _echo_app(scope, receive, send):
 def _serve_echo(port: int) -> None:
     import uvicorn
 
+    from service.app import tune_malloc
+
+    tune_malloc(32 << 20)  # as the service does at start-up, so that this stays a floor
     uvicorn.run(_echo_app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
