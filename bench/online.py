@@ -208,18 +208,21 @@ def main() -> None:
                              "into --name instead of running")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    name = args.name or ("online" if args.analysis == "noisy-truth" else f"online-{args.analysis}")
     if args.merge:
         parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge]
-        if len({(p.get("analysis", "noisy-truth"), tuple(p["seeds"])) for p in parts}) != 1:
-            raise SystemExit("--merge: the results differ in analysis or seeds")
+        keys = ("analysis", "seeds", "iterations", "free_run")
+        setups = {tuple(str(p.get(k, "noisy-truth" if k == "analysis" else None)) for k in keys)
+                  for p in parts}  # fmt: skip
+        if len(setups) != 1:
+            raise SystemExit(f"--merge: the results differ in {', '.join(keys)}: {setups}")
         args.analysis = parts[0].get("analysis", "noisy-truth")
-        args.seeds = parts[0]["seeds"]
+        args.seeds, args.iterations = parts[0]["seeds"], parts[0]["iterations"]
         args.free_run = parts[0].get("free_run", args.free_run)
         results = {k: v for p in parts for k, v in p["results"].items()}
     else:
         results = {p: run_preset(p, args.seeds, args.iterations, args.free_run, args.modes,
                                  args.analysis) for p in args.presets}  # fmt: skip
+    name = args.name or ("online" if args.analysis == "noisy-truth" else f"online-{args.analysis}")
     write(name, {"analysis": args.analysis, "iterations": args.iterations, "seeds": args.seeds,
                  "free_run": args.free_run, "results": results})  # fmt: skip
     table = markdown(results, len(args.seeds), args.free_run, args.analysis)

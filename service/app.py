@@ -16,6 +16,7 @@ import ctypes
 import gc
 import inspect
 import logging
+import os
 import re
 import sys
 import time
@@ -274,6 +275,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     except ValueError as err:
         raise SettingsError(str(err)) from None
     _check_auth_config(settings, keys)
+    if "MECS_TORCHSCRIPT" in os.environ:  # replaced by MECS_RUNTIME; say so, do not ignore quietly
+        log.warning("MECS_TORCHSCRIPT is no longer read: choose the runtime with MECS_RUNTIME "
+                    "(onnxruntime, torchscript or eager; now %s)", settings.runtime)  # fmt: skip
     state = ServiceState(settings=settings, keys=keys)
 
     @asynccontextmanager

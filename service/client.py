@@ -114,8 +114,12 @@ class _Connection:
         parts = [body] if isinstance(body, bytes | bytearray | memoryview) else body
         if sum(len(p) for p in parts) <= 65536:  # one write for a small request
             self.sock.sendall(b"".join([head, *parts]))
-        else:  # a large tensor goes out from its own memory, not joined into a copy
-            self.sock.sendall(head + parts[0])
+        else:  # large parts go out from their own memory, not joined into a copy
+            if len(parts[0]) > 65536:
+                self.sock.sendall(head)
+                self.sock.sendall(parts[0])
+            else:
+                self.sock.sendall(head + parts[0])
             for part in parts[1:]:
                 self.sock.sendall(part)
         return self._read_response()

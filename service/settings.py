@@ -76,7 +76,9 @@ class ServiceSettings(BaseSettings):
     ood_threshold_std: float = Field(
         6.0, gt=0, description="flag a sample whose input lies this many stds from the mean"
     )
-    torch_threads: int = Field(1, ge=0, description="torch intra-op threads (0: leave as is)")
+    torch_threads: int = Field(
+        1, ge=0, description="intra-op threads of torch and ONNX Runtime (0: their defaults)"
+    )
     runtime: Literal["onnxruntime", "torchscript", "eager"] = Field(
         "onnxruntime",
         description="inference runtime, checked against eager torch at load; falls back "

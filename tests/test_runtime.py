@@ -71,3 +71,24 @@ def test_unknown_runtime_is_refused():
     model, _ = make_l96_model()
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         rt.build_runtime(model, (1, 36), "tensorrt")
+
+
+def test_the_check_sees_small_physical_values(monkeypatch):
+    """Tendencies of 1e-6 units: an all-zero answer must not pass as 'close'."""
+    model, _ = make_l96_model()
+    model.set_normalisation([2.5], [3.6], [0.0], [2e-6])
+    monkeypatch.setattr(rt.OnnxRuntime, "__call__", lambda self, x, f=None: np.zeros_like(x))
+    assert rt.build_runtime(model, (1, 36), "onnxruntime").name == "torchscript"
+
+
+def test_concurrent_builds_all_get_the_fast_runtime():
+    """Versions load in worker threads; the exporter's global state must not be shared."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [make_l96_model(seed=i)[0] for i in range(4)]
+    filters = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        names = list(pool.map(lambda m: rt.build_runtime(m, (1, 36)).name, models))
+    assert names == ["onnxruntime"] * 4
+    assert warnings.filters == filters  # no filter left behind by a build

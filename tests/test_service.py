@@ -503,6 +503,13 @@ def test_every_runtime_gives_the_same_answers(l96_repository, runtime):
     np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96")(x), rtol=1e-5, atol=1e-6)
 
 
+def test_the_retired_torchscript_variable_is_reported(l96_repository, monkeypatch, caplog):
+    monkeypatch.setenv("MECS_TORCHSCRIPT", "false")
+    with caplog.at_level("WARNING", logger="mecs.service"):
+        create_app(service_settings(l96_repository))
+    assert "MECS_TORCHSCRIPT is no longer read" in caplog.text and "now onnxruntime" in caplog.text
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_malloc_tuning_takes_effect_on_glibc():
     from service.app import tune_malloc

@@ -37,8 +37,9 @@ def test_binary_and_json_over_http_equal_in_process(start_server, l96_repository
             np.testing.assert_allclose(single, corr(x[0]), rtol=1e-4, atol=1e-5)
             assert client.metadata()["inputs"][0]["shape"] == [-1, 36]
             assert client.ready() and client.live()
-    # a large state: many request chunks, a response sent as its parts (worker thread)
-    big = RNG.normal(2.5, 3.6, (3000, 36)).astype(np.float32)
+    # a large state: many request chunks, the forward in the worker thread (above
+    # inline_forward_max_values), a response sent as its parts
+    big = RNG.normal(2.5, 3.6, (8000, 36)).astype(np.float32)
     with CorrectionClient(server.url, "l96", timeout=30) as client:
         for _ in range(2):  # and the connection stays usable after it
             res = client.infer(big)

@@ -102,7 +102,7 @@ def tangent_error(
     """
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(x0.shape)
-    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    v /= np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape(-1, *([1] * (v.ndim - 1)))
 
     def run(step, x):
         for _ in range(steps):
@@ -113,8 +113,8 @@ def tangent_error(
         x, d = torch.from_numpy(x0), torch.from_numpy(v)
         jh = (run(host.step, x + eps * d) - run(host.step, x - eps * d)) / (2 * eps)
     _, je = torch.func.jvp(lambda z: run(emulator.step, z), (x,), (d,))
-    num = torch.linalg.vector_norm(je - jh, dim=-1)
-    den = torch.linalg.vector_norm(jh - d, dim=-1)
+    num = torch.linalg.vector_norm((je - jh).reshape(len(x), -1), dim=1)  # per sample
+    den = torch.linalg.vector_norm((jh - d).reshape(len(x), -1), dim=1)
     return float(torch.mean(num / den))
 
 

@@ -179,6 +179,7 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     model = await state.repository.get(name, parse_version(version))
     labels = (model.name, model.version_str)
     try:
+        t_body = time.perf_counter()  # after resolving (maybe loading) the version
         body = await _read_body(request)
         t_read = time.perf_counter()
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
@@ -231,7 +232,7 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     metrics.infer_latency.observe(elapsed, *labels)
     # standard Server-Timing header (ms): lets a caller split its latency
     headers["Server-Timing"] = (
-        f"read;dur={(t_read - t0) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "
+        f"read;dur={(t_read - t_body) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "
         f"forward;dur={result.forward_s * 1e3:.3f}, total;dur={elapsed * 1e3:.3f}"
     )
     if len(parts) > 1 and len(parts[1]) > _JOIN_BELOW:
