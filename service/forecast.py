@@ -52,8 +52,9 @@ class LocalCorrection:
         self.dtype = np.dtype(str(corrector.model.in_mean.dtype).removeprefix("torch."))
         layout = corrector.layout
         self._packed = (layout.channels, *layout.horizontal_shape)
+        # one model, one steady state size: the memory arena pays here
         self.runtime = build_runtime(corrector.model, self._packed, runtime,
-                                     label=f"model '{corrector.name}'")  # fmt: skip
+                                     label=f"model '{corrector.name}'", arena=True)  # fmt: skip
         self.version = int(corrector.version) if corrector.version is not None else None
         self.description = f"in-process {corrector.name} v{self.version}"
         self.degraded_steps = 0

@@ -69,7 +69,7 @@ class LoadedModel:
         self._packed = (corrector.layout.channels, *corrector.layout.horizontal_shape)
         self.runtime = build_runtime(
             corrector.model, self._packed, settings.runtime, settings.torch_threads,
-            label=f"model '{self.name}' v{self.version}",
+            label=f"model '{self.name}' v{self.version}", arena=settings.runtime_arena,
         )  # fmt: skip
         labels = (self.name, self.version_str)
 

@@ -503,6 +503,14 @@ def test_every_runtime_gives_the_same_answers(l96_repository, runtime):
     np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96")(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arena", [False, True])
+def test_memory_arena_follows_the_setting(l96_repository, arena):
+    """Off by default: one large request must not pin its memory for the version's life."""
+    with TestClient(create_app(service_settings(l96_repository, runtime_arena=arena))) as c:
+        runtime = c.app.state.mecs.repository.slots["l96"].default.runtime
+        assert runtime.session.get_session_options().enable_cpu_mem_arena is arena
+
+
 def test_the_retired_torchscript_variable_is_reported(l96_repository, monkeypatch, caplog):
     monkeypatch.setenv("MECS_TORCHSCRIPT", "false")
     with caplog.at_level("WARNING", logger="mecs.service"):
