@@ -111,6 +111,9 @@ class OnnxRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: no start-up chatter in the service log
         options.enable_cpu_mem_arena = bool(arena)  # small calls cost the same either way
+        # a pool (threads != 1) must not busy-wait between calls: the event loop and
+        # other processes share these cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             buf.getvalue(), options, providers=["CPUExecutionProvider"]
         )
