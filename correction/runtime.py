@@ -39,6 +39,11 @@ RUNTIMES = ("onnxruntime", "torchscript", "eager")
 _BUILD_LOCK = threading.Lock()
 
 
+def model_dtype(model: CorrectionModel) -> np.dtype:
+    """The numpy dtype a model's runtimes take and return (that of its buffers)."""
+    return np.dtype(str(model.in_mean.dtype).removeprefix("torch."))
+
+
 class RuntimeCheckError(RuntimeError):
     """A runtime's answer differs from the eager model's on a probe batch."""
 
@@ -129,7 +134,7 @@ def _probes(
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Two batches (1 and 5 samples) drawn around the training input statistics."""
     gen = np.random.default_rng(0)
-    dtype = np.dtype(str(model.in_mean.dtype).removeprefix("torch."))
+    dtype = model_dtype(model)
     mean = model.in_mean.double().numpy().reshape(1, -1, *([1] * (len(packed_shape) - 1)))
     std = model.in_std.double().numpy().reshape(mean.shape)
     out = []
@@ -207,4 +212,5 @@ __all__ = [
     "RuntimeCheckError",
     "TorchScriptRuntime",
     "build_runtime",
+    "model_dtype",
 ]

@@ -272,19 +272,18 @@ class CorrectionClient:
     def server_metadata(self) -> dict[str, Any]:
         return self._get_json(f"{self._prefix}/v2")
 
-    def live(self) -> bool:
+    def _answers(self, path: str) -> bool:
         try:
-            self._send("GET", f"{self._prefix}/v2/health/live")
+            self._send("GET", f"{self._prefix}{path}")
             return True
         except ServiceError:
             return False
 
+    def live(self) -> bool:
+        return self._answers("/v2/health/live")
+
     def ready(self) -> bool:
-        try:
-            self._send("GET", f"{self._prefix}/v2/health/ready")
-            return True
-        except ServiceError:
-            return False
+        return self._answers("/v2/health/ready")
 
     def metadata(self) -> dict[str, Any]:
         """Model metadata (inputs, outputs, shapes, variables, version)."""

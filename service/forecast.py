@@ -22,10 +22,9 @@ import torch
 
 from correction.hosts import HostModel
 from correction.inference import Corrector
-from correction.runtime import build_runtime
 
 from .client import CorrectionClient
-from .guardrails import Guardrails
+from .guardrails import GuardedCorrector
 
 
 class CorrectionSource(Protocol):
@@ -48,13 +47,10 @@ class LocalCorrection:
         runtime: str = "onnxruntime",
     ) -> None:  # fmt: skip
         self.corrector = corrector
-        self.guard = Guardrails(corrector, cap_std, ood_threshold_std)
-        self.dtype = np.dtype(str(corrector.model.in_mean.dtype).removeprefix("torch."))
-        layout = corrector.layout
-        self._packed = (layout.channels, *layout.horizontal_shape)
-        # one model, one steady state size: the memory arena pays here
-        self.runtime = build_runtime(corrector.model, self._packed, runtime,
-                                     label=f"model '{corrector.name}'", arena=True)  # fmt: skip
+        # one model, one steady state size: ONNX Runtime's memory arena pays here
+        self.forward = GuardedCorrector(corrector, cap_std, ood_threshold_std, runtime,
+                                        arena=True)  # fmt: skip
+        self.dtype = self.forward.dtype
         self.version = int(corrector.version) if corrector.version is not None else None
         self.description = f"in-process {corrector.name} v{self.version}"
         self.degraded_steps = 0
@@ -63,10 +59,7 @@ class LocalCorrection:
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
         self.corrector.layout.check_state(state)
-        x = np.ascontiguousarray(state, dtype=self.dtype)
-        n = x.shape[0]
-        y = self.runtime(x.reshape(n, *self._packed)).reshape(x.shape)
-        corr, ood, capped = self.guard.apply(x, y)
+        corr, ood, capped = self.forward(np.ascontiguousarray(state, dtype=self.dtype))
         self.ood_sample_steps += int(ood.sum())
         self.capped_values += int(capped.sum())
         return corr.astype(state.dtype)

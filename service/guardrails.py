@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from correction.inference import Corrector
+from correction.runtime import build_runtime, model_dtype
 
 
 class Guardrails:
@@ -64,3 +65,38 @@ class Guardrails:
                 packed = np.clip(packed, self.lo, self.hi).astype(corr.dtype)
                 corr = packed.reshape(corr.shape)
         return corr, ood, capped
+
+
+class GuardedCorrector:
+    """A corrector's network in an inference runtime, then the guardrails.
+
+    The one forward path of the service (per model version) and of in-process
+    forecasts, so both give the same numbers. ``runtime``, ``threads`` and
+    ``arena`` are :func:`correction.runtime.build_runtime`'s.
+    """
+
+    def __init__(
+        self, corrector: Corrector, cap_std: float | None, ood_threshold_std: float | None,
+        runtime: str = "onnxruntime", threads: int = 1, arena: bool = False,
+        label: str | None = None,
+    ) -> None:  # fmt: skip
+        self.guard = Guardrails(corrector, cap_std, ood_threshold_std)
+        self.dtype = model_dtype(corrector.model)
+        # the network takes [B, C, *H]: a state [B, *state_shape] is that layout
+        # already (several fields) or a reshape of it (one field)
+        layout = corrector.layout
+        self.packed = (layout.channels, *layout.horizontal_shape)
+        self.runtime = build_runtime(corrector.model, self.packed, runtime, threads,
+                                     label=label or f"model '{corrector.name}'",
+                                     arena=arena)  # fmt: skip
+
+    def __call__(
+        self, state: np.ndarray, forcings: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(capped correction, OOD flag per sample, capped values per sample)``.
+
+        ``state`` is ``[B, *state_shape]``, contiguous, in :attr:`dtype`.
+        """
+        n = state.shape[0]
+        y = self.runtime(state.reshape(n, *self.packed), forcings)
+        return self.guard.apply(state, y.reshape(state.shape))

@@ -235,8 +235,8 @@ def encode_message_parts(
 ) -> tuple[list[bytes | memoryview], dict[str, str]]:
     """Body parts and headers: the JSON header, then a raw view of each binary tensor.
 
-    The parts are not joined, so a server can hand a large tensor to the socket
-    without copying it (the body is the parts in order).
+    The body is the parts in order. They are not joined, so a server or client can
+    hand a large tensor to the socket without copying it.
     """
     header[key] = [_tensor_json(n, a, b) for n, a, b in tensors]
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
@@ -245,17 +245,6 @@ def encode_message_parts(
         return [text], {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
     return [text, *blobs], headers
-
-
-def encode_message(
-    header: dict[str, Any],
-    tensors: Sequence[tuple[str, np.ndarray, bool]],
-    key: str,
-) -> tuple[bytes, dict[str, str]]:
-    """Body and headers for a request or response: JSON, plus raw tensors if any are binary."""
-    parts, headers = encode_message_parts(header, tensors, key)
-    # the join is the only copy of a large tensor
-    return parts[0] if len(parts) == 1 else b"".join(parts), headers
 
 
 def encode_infer_request(

@@ -32,11 +32,10 @@ import numpy as np
 from correction import artifacts
 from correction.artifacts import ArtifactError
 from correction.inference import Corrector
-from correction.runtime import build_runtime
 
 from .batching import Batcher, BatchResult, Traffic
 from .errors import ServiceError
-from .guardrails import Guardrails
+from .guardrails import GuardedCorrector
 from .metrics import ServiceMetrics
 from .protocol import DTYPE_NAMES
 from .settings import ServiceSettings
@@ -61,16 +60,14 @@ class LoadedModel:
         self.version_str = str(self.version)
         self.state_shape = tuple(corrector.state_shape)
         self.n_forcings = int(corrector.model.n_forcings)
-        self.dtype = np.dtype(str(corrector.model.in_mean.dtype).removeprefix("torch."))
-        self.guard = Guardrails(corrector, settings.correction_cap_std, settings.ood_threshold_std)
         self.loaded_at = time.time()
-        # the network's input layout is [B, C, *H]; a state [B, *state_shape] is that
-        # layout already (several fields) or a reshape of it (one field)
-        self._packed = (corrector.layout.channels, *corrector.layout.horizontal_shape)
-        self.runtime = build_runtime(
-            corrector.model, self._packed, settings.runtime, settings.torch_threads,
-            label=f"model '{self.name}' v{self.version}", arena=settings.runtime_arena,
+        self.forward = GuardedCorrector(
+            corrector, settings.correction_cap_std, settings.ood_threshold_std,
+            settings.runtime, settings.torch_threads, settings.runtime_arena,
+            label=f"model '{self.name}' v{self.version}",
         )  # fmt: skip
+        self.dtype = self.forward.dtype
+        self.runtime = self.forward.runtime
         labels = (self.name, self.version_str)
 
         def observe(samples: int, requests: int, seconds: float, waits: list[float]) -> None:
@@ -81,7 +78,7 @@ class LoadedModel:
                 metrics.queue_wait.observe(w, self.name)
 
         self.batcher = Batcher(
-            self.compute,
+            self.forward,
             traffic,
             executor,
             max_size=settings.batch_max_size,
@@ -90,14 +87,6 @@ class LoadedModel:
             inline_max_values=settings.inline_forward_max_values,
             observe=observe,
         )
-
-    def compute(
-        self, state: np.ndarray, forcings: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One forward pass on a stacked batch, then the guardrails."""
-        n = state.shape[0]
-        y = self.runtime(state.reshape(n, *self._packed), forcings)
-        return self.guard.apply(state, y.reshape(n, *self.state_shape))
 
     async def correct(
         self, state: np.ndarray, forcings: np.ndarray | None = None, ticket=None
@@ -110,7 +99,7 @@ class LoadedModel:
             self.dtype
         )
         f = None if not self.n_forcings else np.zeros((1, self.n_forcings), self.dtype)
-        self.compute(x, f)
+        self.forward(x, f)
 
     def metadata(self, versions: list[int]) -> dict[str, Any]:
         """Open Inference Protocol model metadata, plus the model's variables and provenance."""
@@ -146,8 +135,8 @@ class LoadedModel:
                 "published_at": config.get("published_at"),
                 "parent_version": config.get("parent_version"),
                 "metrics": config.get("metrics"),
-                "correction_cap_std": self.guard.cap_std,
-                "ood_threshold_std": self.guard.ood_threshold_std,
+                "correction_cap_std": self.forward.guard.cap_std,
+                "ood_threshold_std": self.forward.guard.ood_threshold_std,
             },
         }
 
