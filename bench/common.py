@@ -14,8 +14,9 @@ RESULTS = Path(__file__).parent / "results"
 DATA = RESULTS / "data"
 
 
-def prepare(preset: str, analysis: str, sigma: float = 0.1, duration: float = 1000.0,
-            seed: int = 0) -> tuple[Path, Path, Any]:  # fmt: skip
+def prepare(
+    preset: str, analysis: str, sigma: float = 0.1, duration: float = 1000.0, seed: int = 0
+) -> tuple[Path, Path, Any]:
     """``mecs synth`` + ``mecs increments`` for one setting, reused across runs."""
     from data_pipeline import build_increments
     from data_pipeline.config import load_config
@@ -27,15 +28,25 @@ def prepare(preset: str, analysis: str, sigma: float = 0.1, duration: float = 10
     if not (synth / "config.json").exists():
         generate(cfg, synth, overwrite=True, progress=False, log=lambda _: None)
     if not inc.exists():
-        build_increments(synth / "analyses.zarr", synth / "forecasts_archive.zarr",
-                         cfg.obs_interval, inc, split=cfg.increment_split())  # fmt: skip
+        build_increments(
+            synth / "analyses.zarr",
+            synth / "forecasts_archive.zarr",
+            cfg.obs_interval,
+            inc,
+            split=cfg.increment_split(),
+        )
     return synth, inc, cfg
 
 
 def summary(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-            "max": float(a.max()), "n": int(len(a))}  # fmt: skip
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(len(a)),
+    }
 
 
 def write(name: str, report: dict[str, Any]) -> Path:

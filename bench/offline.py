@@ -31,7 +31,7 @@ NETWORKS = {
     "stencil-cnn-k5": {
         "network": "stencil-cnn",
         "params": {"hidden": 64, "depth": 3, "kernel": 5},
-    },  # fmt: skip
+    },
 }
 
 
@@ -56,8 +56,12 @@ def main() -> None:
             pcfg = PretrainConfig.from_dict({**net_cfg, "seed": seed})
             res = pretrain(inc, repo, f"seed{seed}", pcfg, progress=False)
             train_s = time.perf_counter() - t
-            m = evaluate(bench, {"offline": Corrector.load(repo, f"seed{seed}")}, poly=poly,
-                         free_run=args.free_run)  # fmt: skip
+            m = evaluate(
+                bench,
+                {"offline": Corrector.load(repo, f"seed{seed}")},
+                poly=poly,
+                free_run=args.free_run,
+            )
             f, fr = m["forecasts"], m["free_run"]
             run = {
                 "seed": seed,
@@ -79,31 +83,34 @@ def main() -> None:
                         )
                     }
                     for k in ("none", "poly3", "offline")
-                },  # fmt: skip
+                },
             }
-            print(f"{analysis} {net} seed {seed}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in run["valid_time"].items())
+            print(
+                f"{analysis} {net} seed {seed}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in run["valid_time"].items())
                 + f"; gap closed {run['gap_closed']['offline']:.3f}; free run mean err "
                 f"{run['free_run']['offline']['mean_rel_err']:.3f} std err "
-                f"{run['free_run']['offline']['std_rel_err']:.3f}", flush=True)  # fmt: skip
+                f"{run['free_run']['offline']['std_rel_err']:.3f}",
+                flush=True,
+            )
             runs.append(run)
         results[f"{analysis}/{net}"] = {
             "analysis_rmse": float(((bench.analyses - bench.truth_x) ** 2).mean() ** 0.5),
             "runs": runs,
             "valid_time": {
                 k: summary([r["valid_time"][k] for r in runs]) for k in runs[0]["valid_time"]
-            },  # fmt: skip
+            },
             "gap_closed_offline": summary([r["gap_closed"]["offline"] for r in runs]),
             "offline_beats_poly3": sum(
                 r["valid_time"]["offline"] > r["valid_time"]["poly3"] for r in runs
-            ),  # fmt: skip
+            ),
             "free_run_bounded": all(r["free_run"]["offline"]["bounded"] for r in runs),
             "free_run_mean_rel_err": summary(
                 [r["free_run"]["offline"]["mean_rel_err"] for r in runs]
-            ),  # fmt: skip
+            ),
             "free_run_std_rel_err": summary(
                 [r["free_run"]["offline"]["std_rel_err"] for r in runs]
-            ),  # fmt: skip
+            ),
         }
     write("offline", {"preset": args.preset, "free_run": args.free_run, "results": results})
 

@@ -39,8 +39,14 @@ from mecs.commands.evaluate import fit_polynomial  # noqa: E402
 LABELS = ("none", "poly3", "offline", *MODES, "limit")
 
 
-def run_preset(preset: str, seeds: list[int], iterations: int, free_run: float,
-               modes: list[str], analysis: str = "noisy-truth") -> dict:  # fmt: skip
+def run_preset(
+    preset: str,
+    seeds: list[int],
+    iterations: int,
+    free_run: float,
+    modes: list[str],
+    analysis: str = "noisy-truth",
+) -> dict:
     synth, inc, cfg = prepare(preset, analysis)
     bench = Benchmark.open(synth)
     poly = fit_polynomial(inc)
@@ -50,8 +56,9 @@ def run_preset(preset: str, seeds: list[int], iterations: int, free_run: float,
     work = DATA / f"online-{preset}-{analysis}"
     shutil.rmtree(work, ignore_errors=True)
     t = time.perf_counter()
-    _, emu_metrics = train_emulator(host, "l96", bench.analyses[:train_end], layout,
-                                    work / "emulator", progress=False)  # fmt: skip
+    _, emu_metrics = train_emulator(
+        host, "l96", bench.analyses[:train_end], layout, work / "emulator", progress=False
+    )
     emu_seconds = time.perf_counter() - t
     print(f"{preset}: emulator {emu_metrics} in {emu_seconds:.0f} s", flush=True)
     runs = []
@@ -67,13 +74,23 @@ def run_preset(preset: str, seeds: list[int], iterations: int, free_run: float,
             shutil.copytree(repo / "offline", repo / mode)  # each mode starts from version 1
             ft = FinetuneConfig(mode=mode, iterations=iterations, seed=seed)
             if mode == "sip":  # Jacobians over 10 intervals cost too much here
-                ft = dataclasses.replace(ft, iterations=max(iterations // 4, 1), unroll=4,
-                                         batch_size=16)  # fmt: skip
+                ft = dataclasses.replace(
+                    ft, iterations=max(iterations // 4, 1), unroll=4, batch_size=16
+                )
             t = time.perf_counter()
-            finetune(repo, mode, bench.analyses, host, ft, 5, train_end, from_version=1,
-                     emulator_path=work / "emulator",
-                     torch_host=host if mode == "differentiable" else None,
-                     progress=False)  # fmt: skip
+            finetune(
+                repo,
+                mode,
+                bench.analyses,
+                host,
+                ft,
+                5,
+                train_end,
+                from_version=1,
+                emulator_path=work / "emulator",
+                torch_host=host if mode == "differentiable" else None,
+                progress=False,
+            )
             seconds[mode] = time.perf_counter() - t
             correctors[mode] = Corrector.load(repo, mode)
         m = evaluate(bench, correctors, poly=poly, free_run=free_run)
@@ -90,11 +107,14 @@ def run_preset(preset: str, seeds: list[int], iterations: int, free_run: float,
                 }
                 for k in fr
                 if k not in ("truth", "bins", "length")
-            },  # fmt: skip
+            },
             "wall_seconds": seconds,
         }
-        print(f"{preset} seed {seed}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in run["valid_time"].items()), flush=True)  # fmt: skip
+        print(
+            f"{preset} seed {seed}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in run["valid_time"].items()),
+            flush=True,
+        )
         runs.append(run)
     labels = [k for k in LABELS if k in runs[0]["valid_time"]]
     agg = {}
@@ -111,8 +131,7 @@ def run_preset(preset: str, seeds: list[int], iterations: int, free_run: float,
             agg[k]["pdf_hellinger"] = summary([r["free_run"][k]["pdf_hellinger"] for r in runs])
         if k in runs[0]["wall_seconds"]:
             agg[k]["wall_seconds"] = summary([r["wall_seconds"][k] for r in runs])
-    return {"emulator": emu_metrics, "emulator_seconds": emu_seconds, "runs": runs,
-            "summary": agg}  # fmt: skip
+    return {"emulator": emu_metrics, "emulator_seconds": emu_seconds, "runs": runs, "summary": agg}
 
 
 def _ms(a: dict, key: str, d: int = 2, scale: float = 1.0) -> str:
@@ -184,8 +203,7 @@ def plot(results: dict, path: Path) -> None:
         s = results[preset]["summary"]
         means = [s[k]["valid_time"]["mean"] for k in labels]
         stds = [s[k]["valid_time"]["std"] for k in labels]
-        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=preset,
-               capsize=2)  # fmt: skip
+        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=preset, capsize=2)
     ax.set_xticks(np.arange(len(labels)) + width * (len(presets) - 1) / 2, labels, rotation=30)
     ax.set(ylabel="valid time (MTU)", title="Valid time by training mode")
     ax.legend()
@@ -203,16 +221,22 @@ def main() -> None:
     parser.add_argument("--free-run", type=float, default=500.0)
     parser.add_argument("--analysis", default="noisy-truth", choices=["noisy-truth", "letkf"])
     parser.add_argument("--name", help="results name (default: online or online-ANALYSIS)")
-    parser.add_argument("--merge", nargs="+", metavar="NAME",
-                        help="combine earlier results (one per preset, e.g. run in parallel) "
-                             "into --name instead of running")  # fmt: skip
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="NAME",
+        help="combine earlier results (one per preset, e.g. run in parallel) "
+        "into --name instead of running",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.merge:
         parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge]
         keys = ("analysis", "seeds", "iterations", "free_run")
-        setups = {tuple(str(p.get(k, "noisy-truth" if k == "analysis" else None)) for k in keys)
-                  for p in parts}  # fmt: skip
+        setups = {
+            tuple(str(p.get(k, "noisy-truth" if k == "analysis" else None)) for k in keys)
+            for p in parts
+        }
         if len(setups) != 1:
             raise SystemExit(f"--merge: the results differ in {', '.join(keys)}: {setups}")
         args.analysis = parts[0].get("analysis", "noisy-truth")
@@ -220,11 +244,21 @@ def main() -> None:
         args.free_run = parts[0].get("free_run", args.free_run)
         results = {k: v for p in parts for k, v in p["results"].items()}
     else:
-        results = {p: run_preset(p, args.seeds, args.iterations, args.free_run, args.modes,
-                                 args.analysis) for p in args.presets}  # fmt: skip
+        results = {
+            p: run_preset(p, args.seeds, args.iterations, args.free_run, args.modes, args.analysis)
+            for p in args.presets
+        }
     name = args.name or ("online" if args.analysis == "noisy-truth" else f"online-{args.analysis}")
-    write(name, {"analysis": args.analysis, "iterations": args.iterations, "seeds": args.seeds,
-                 "free_run": args.free_run, "results": results})  # fmt: skip
+    write(
+        name,
+        {
+            "analysis": args.analysis,
+            "iterations": args.iterations,
+            "seeds": args.seeds,
+            "free_run": args.free_run,
+            "results": results,
+        },
+    )
     table = markdown(results, len(args.seeds), args.free_run, args.analysis)
     (RESULTS / f"{name}.md").write_text(table)
     plot(results, RESULTS / f"{name}.png")

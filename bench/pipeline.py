@@ -70,10 +70,15 @@ def make_inputs(root: Path, n_times: int, seed: int = 0) -> tuple[Path, Path]:
     )
     a_path, f_path = root / "analyses.zarr", root / "forecasts.zarr"
     warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-    ana.to_zarr(a_path, zarr_format=3, consolidated=True,
-                encoding={"u": {"chunks": (512, *GRID.values())}})  # fmt: skip
-    fc.to_zarr(f_path, zarr_format=3, consolidated=True,
-               encoding={"u": {"chunks": (256, LEADS, *GRID.values())}})  # fmt: skip
+    ana.to_zarr(
+        a_path, zarr_format=3, consolidated=True, encoding={"u": {"chunks": (512, *GRID.values())}}
+    )
+    fc.to_zarr(
+        f_path,
+        zarr_format=3,
+        consolidated=True,
+        encoding={"u": {"chunks": (256, LEADS, *GRID.values())}},
+    )
     return a_path, f_path
 
 
@@ -100,10 +105,15 @@ def cluster_runs(a_path: Path, f_path: Path, tmp: Path, chunk: int, repeats: int
     out: dict = {"input_mb": round(mb, 1)}
     for workers in (1, 2):
         with (
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                         dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
             Client(cluster) as client,
-        ):  # fmt: skip
+        ):
             client.run(lambda: __import__("data_pipeline.increments"))  # warm the imports
             copies, builds = [], []
             for r in range(repeats):
@@ -112,8 +122,14 @@ def cluster_runs(a_path: Path, f_path: Path, tmp: Path, chunk: int, repeats: int
                 shutil.rmtree(dest)
                 store = tmp / f"inc-{workers}-{r}.zarr"
                 t = time.perf_counter()
-                build_increments(a_path, f_path, WINDOW, store, chunk_samples=chunk,
-                                 scheduler=cluster.scheduler_address)  # fmt: skip
+                build_increments(
+                    a_path,
+                    f_path,
+                    WINDOW,
+                    store,
+                    chunk_samples=chunk,
+                    scheduler=cluster.scheduler_address,
+                )
                 builds.append(time.perf_counter() - t)
                 shutil.rmtree(store)
         copy_s, build_s = min(copies), min(builds)
@@ -161,14 +177,22 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     ana, fc, out = args.child
     with Held() as held:
-        report = build_increments(ana, fc, WINDOW, out, chunk_samples=args.chunk_samples,
-                                  scheduler="threads")  # fmt: skip
+        report = build_increments(
+            ana, fc, WINDOW, out, chunk_samples=args.chunk_samples, scheduler="threads"
+        )
     wall = time.perf_counter() - t
     peak = peak_rss_kib()
-    print(json.dumps({"peak_rss_mb": round(peak / 1024, 1),
-                      "rss_after_imports_mb": round(base / 1024, 1),
-                      "peak_dask_held_mb": round(held.peak / 1e6, 1),
-                      "wall_s": round(wall, 3), "n_samples": report.n_samples}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": round(peak / 1024, 1),
+                "rss_after_imports_mb": round(base / 1024, 1),
+                "peak_dask_held_mb": round(held.peak / 1e6, 1),
+                "wall_s": round(wall, 3),
+                "n_samples": report.n_samples,
+            }
+        )
+    )
 
 
 def memory_run(a_path: Path, f_path: Path, tmp: Path, chunk: int) -> dict:
@@ -178,10 +202,21 @@ def memory_run(a_path: Path, f_path: Path, tmp: Path, chunk: int) -> dict:
     # trim threshold (distributed.nanny.pre-spawn-environ) so that RSS tracks live data
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
     proc = subprocess.run(
-        [sys.executable, __file__, "--chunk-samples", str(chunk), "--child",
-         str(a_path), str(f_path), str(store)],
-        capture_output=True, text=True, check=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            __file__,
+            "--chunk-samples",
+            str(chunk),
+            "--child",
+            str(a_path),
+            str(f_path),
+            str(store),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     shutil.rmtree(store)
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row["input_mb"] = round(input_mb(a_path, f_path), 1)
@@ -196,13 +231,19 @@ def cluster_memory_run(a_path: Path, f_path: Path, tmp: Path, chunk: int) -> dic
 
     store = tmp / "cmem.zarr"
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                     dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
         Client(cluster) as client,
-    ):  # fmt: skip
+    ):
         before = client.run(peak_rss_kib)
-        build_increments(a_path, f_path, WINDOW, store, chunk_samples=chunk,
-                         scheduler=cluster.scheduler_address)  # fmt: skip
+        build_increments(
+            a_path, f_path, WINDOW, store, chunk_samples=chunk, scheduler=cluster.scheduler_address
+        )
         after = client.run(peak_rss_kib)
     shutil.rmtree(store)
     return {
@@ -213,11 +254,19 @@ def cluster_memory_run(a_path: Path, f_path: Path, tmp: Path, chunk: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small-mb", type=float, default=100.0,
-                        help="input size of the small case; the large one is 4x")  # fmt: skip
+    parser.add_argument(
+        "--small-mb",
+        type=float,
+        default=100.0,
+        help="input size of the small case; the large one is 4x",
+    )
     parser.add_argument("--chunk-samples", type=int, default=256)
-    parser.add_argument("--throughput-on", choices=["small", "large"], default="large",
-                        help="input size of the throughput runs")  # fmt: skip
+    parser.add_argument(
+        "--throughput-on",
+        choices=["small", "large"],
+        default="large",
+        help="input size of the throughput runs",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.json"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -244,11 +293,13 @@ def main() -> None:
             root.mkdir()
             a_path, f_path = make_inputs(root, n_times)
             if name == args.throughput_on:
-                report["throughput"] = cluster_runs(a_path, f_path, tmp, args.chunk_samples,
-                                                    args.repeats)  # fmt: skip
+                report["throughput"] = cluster_runs(
+                    a_path, f_path, tmp, args.chunk_samples, args.repeats
+                )
             memory[name] = memory_run(a_path, f_path, tmp, args.chunk_samples)
-            memory[name]["local_cluster"] = cluster_memory_run(a_path, f_path, tmp,
-                                                               args.chunk_samples)  # fmt: skip
+            memory[name]["local_cluster"] = cluster_memory_run(
+                a_path, f_path, tmp, args.chunk_samples
+            )
             shutil.rmtree(root)
         memory["peak_rss_ratio_large_vs_small"] = round(
             memory["large"]["peak_rss_mb"] / memory["small"]["peak_rss_mb"], 3

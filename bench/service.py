@@ -125,8 +125,12 @@ class Server:
         environ.update({f"MECS_{k.upper()}": str(v) for k, v in env.items()})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mecs", "serve", "--repository", str(repository), "--port", "0"],
-            env=environ, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-        )  # fmt: skip
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
         line = self.proc.stdout.readline()
         match = re.search(r"on (http://\S+) ", line)
         if not match:
@@ -183,8 +187,13 @@ def _caller(urls, state, schedule, t0, ready, queue):
     queue.put(out)
 
 
-def concurrent_callers(urls: dict[str, str], states: np.ndarray, duration: float,
-                       rounds: int = 3, pids: dict[str, int] | None = None) -> dict:  # fmt: skip
+def concurrent_callers(
+    urls: dict[str, str],
+    states: np.ndarray,
+    duration: float,
+    rounds: int = 3,
+    pids: dict[str, int] | None = None,
+) -> dict:
     """40 caller processes, taking turns on each server in ``urls``: a side-by-side run.
 
     The same processes call every server, in windows of ``duration`` seconds
@@ -251,8 +260,7 @@ def ratio(a: dict, b: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=2.0,
-                        help="seconds per throughput window")  # fmt: skip
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per throughput window")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of throughput windows")
     parser.add_argument("--calls", type=int, default=3000, help="calls for the latency figures")
     parser.add_argument("--big-reps", type=int, default=5)
@@ -346,10 +354,13 @@ def main() -> None:
             rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
             rows["state_bytes"] = int(big.nbytes)
             rows["json_over_binary_round_trip"] = round(
-                rows["json"]["round_trip_ms"] / rows["binary"]["round_trip_ms"], 1)  # fmt: skip
+                rows["json"]["round_trip_ms"] / rows["binary"]["round_trip_ms"], 1
+            )
             rows["json_over_binary_transport"] = round(
                 rows["json"]["transport_overhead_ms"]
-                / max(rows["binary"]["transport_overhead_ms"], 0.1), 1)  # fmt: skip
+                / max(rows["binary"]["transport_overhead_ms"], 0.1),
+                1,
+            )
             results["state_4mb"] = rows
             print("4 MB", json.dumps(rows), flush=True)
         # 2. 40 independent callers, micro-batching on and off, for both runtimes: the
@@ -362,15 +373,21 @@ def main() -> None:
         }
         with contextlib.ExitStack() as stack:
             servers = {k: stack.enter_context(Server(repo, **env)) for k, env in configs.items()}
-            callers = concurrent_callers({k: v.url for k, v in servers.items()}, members,
-                                         args.duration, args.rounds,
-                                         {k: v.proc.pid for k, v in servers.items()})  # fmt: skip
+            callers = concurrent_callers(
+                {k: v.url for k, v in servers.items()},
+                members,
+                args.duration,
+                args.rounds,
+                {k: v.proc.pid for k, v in servers.items()},
+            )
         for k, v in callers.items():
             results[f"callers_40_{k}"] = v
             print(f"callers_40_{k}", json.dumps(v), flush=True)
         # 5. floors: bare uvicorn echo of the same bytes
-        sizes = {"small_call": len(encode_infer_request({"state": x1})[0]),
-                 "state_4mb": BIG_ROWS * 36 * 4}  # fmt: skip
+        sizes = {
+            "small_call": len(encode_infer_request({"state": x1})[0]),
+            "state_4mb": BIG_ROWS * 36 * 4,
+        }
         results["floor_bare_echo"] = echo_floor(sizes, args.calls, args.big_reps)
         print("floor", json.dumps(results["floor_bare_echo"]), flush=True)
 
@@ -378,19 +395,26 @@ def main() -> None:
     unbatched = results["callers_40_unbatched"]["requests_per_s"]
     results["ratios"] = {
         "batching_speedup_40_callers": ratio(callers["batched"], callers["unbatched"]),
-        "batching_speedup_40_callers_torchscript": ratio(callers["batched_torchscript"],
-                                                         callers["unbatched_torchscript"]),
+        "batching_speedup_40_callers_torchscript": ratio(
+            callers["batched_torchscript"], callers["unbatched_torchscript"]
+        ),
         "batching_server_cpu_saving_40_callers": round(
             callers["unbatched"]["server_cpu_us_per_request"]
-            / callers["batched"]["server_cpu_us_per_request"], 2),
+            / callers["batched"]["server_cpu_us_per_request"],
+            2,
+        ),
         "one_request_vs_member_per_request": round(
-            results["one_request_40_members"]["member_steps_per_s"] / unbatched, 1),
+            results["one_request_40_members"]["member_steps_per_s"] / unbatched, 1
+        ),
         "single_call_over_bare_echo_p50_us": round(
-            single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1),
+            single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1
+        ),
         "transport_4mb_over_bare_echo_ms": round(
             results["state_4mb"]["binary"]["transport_overhead_ms"]
-            - results["floor_bare_echo"]["state_4mb"]["p50_us"] / 1e3, 1),
-    }  # fmt: skip
+            - results["floor_bare_echo"]["state_4mb"]["p50_us"] / 1e3,
+            1,
+        ),
+    }
     results["targets"] = {
         "single_call_p50_le_500us": single["p50_us"] <= 500,
         "single_call_p99_le_2ms": single["p99_us"] <= 2000,

@@ -32,8 +32,9 @@ def bare_loop(source: IncrementSource, cfg: PretrainConfig, epochs: int) -> floa
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     layout = source.layout
     torch.manual_seed(0)
-    model = CorrectionModel(cfg.network, cfg.params, layout.channels, layout.channels,
-                            len(layout.horizontal_dims))  # fmt: skip
+    model = CorrectionModel(
+        cfg.network, cfg.params, layout.channels, layout.channels, len(layout.horizontal_dims)
+    )
     model.set_normalisation(*source.normalisation())
     yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -66,14 +67,25 @@ def main() -> None:
         res = pretrain(inc, repo, "m", cfg, progress=False)
         h = [e for e in res.history if "train_seconds" in e]
         ours.append(sum(e["samples"] for e in h) / sum(e["train_seconds"] for e in h))
-        print(f"repeat {r}: pretrain {ours[-1]:.0f} samples/s, bare loop {bare[-1]:.0f} "
-              f"samples/s, ratio {ours[-1] / bare[-1]:.3f}", flush=True)  # fmt: skip
+        print(
+            f"repeat {r}: pretrain {ours[-1]:.0f} samples/s, bare loop {bare[-1]:.0f} "
+            f"samples/s, ratio {ours[-1] / bare[-1]:.3f}",
+            flush=True,
+        )
     ratio = [o / b for o, b in zip(ours, bare, strict=True)]
-    write("train", {"network": cfg.network, "params": cfg.params, "batch_size": cfg.batch_size,
-                    "train_samples": int(len(source.indices("train"))),
-                    "pretrain_samples_per_s": summary(ours),
-                    "bare_loop_samples_per_s": summary(bare),
-                    "ratio": summary(ratio), "target_ratio": 0.8})  # fmt: skip
+    write(
+        "train",
+        {
+            "network": cfg.network,
+            "params": cfg.params,
+            "batch_size": cfg.batch_size,
+            "train_samples": int(len(source.indices("train"))),
+            "pretrain_samples_per_s": summary(ours),
+            "bare_loop_samples_per_s": summary(bare),
+            "ratio": summary(ratio),
+            "target_ratio": 0.8,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ def build_config(
             "name": model.network_name,
             "params": network_params,
             "n_forcings": model.n_forcings,
-        },  # fmt: skip
+        },
         "layout": layout.to_dict(),
         "normalisation": {
             k: getattr(model, k).tolist() for k in ("in_mean", "in_std", "out_mean", "out_std")
-        },  # fmt: skip
+        },
         "package_version": __version__,
         **sections,
     }
@@ -148,11 +148,17 @@ def publish(
     tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=root))
     try:
         body = dict(config)
-        body.update(name=name, weights_sha256=_write_weights(tmp, model),
-                    published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+        body.update(
+            name=name,
+            weights_sha256=_write_weights(tmp, model),
+            published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         for attempt in range(100):
-            v = version if version is not None else (max(list_versions(repository, name),
-                                                         default=0) + 1 + attempt)  # fmt: skip
+            v = (
+                version
+                if version is not None
+                else (max(list_versions(repository, name), default=0) + 1 + attempt)
+            )
             body["version"] = v
             (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
             with open(tmp / CONFIG, "rb+") as fh:
@@ -204,8 +210,14 @@ def build_model(config: dict[str, Any]) -> CorrectionModel:
     layout = ModelLayout.from_dict(config["layout"])
     net = config["network"]
     out_channels = int(config.get("out_channels", layout.channels))
-    return CorrectionModel(net["name"], net["params"], layout.channels, out_channels,
-                           len(layout.horizontal_dims), net.get("n_forcings", 0))  # fmt: skip
+    return CorrectionModel(
+        net["name"],
+        net["params"],
+        layout.channels,
+        out_channels,
+        len(layout.horizontal_dims),
+        net.get("n_forcings", 0),
+    )
 
 
 def load(path: str | Path) -> tuple[CorrectionModel, dict[str, Any]]:

@@ -38,8 +38,9 @@ class Emulator:
     def load(cls, path: str | Path) -> Emulator:
         model, config = artifacts.load(path)
         if config.get("kind") != "emulator":
-            raise artifacts.ArtifactError(f"{path} is a {config.get('kind')!r} artifact, "
-                                          "not an emulator")  # fmt: skip
+            raise artifacts.ArtifactError(
+                f"{path} is a {config.get('kind')!r} artifact, not an emulator"
+            )
         return cls(model, config)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,8 +71,9 @@ class Benchmark:
     @property
     def truth_model(self) -> Lorenz96TwoScale:
         c = self.config
-        return Lorenz96TwoScale(K=c["K"], J=c["J"], F=c["F"], h=c["h"], b=c["b"], c=c["c"],
-                                dt=c["dt_truth"])  # fmt: skip
+        return Lorenz96TwoScale(
+            K=c["K"], J=c["J"], F=c["F"], h=c["h"], b=c["b"], c=c["c"], dt=c["dt_truth"]
+        )
 
     @property
     def dt_out(self) -> float:
@@ -209,8 +210,9 @@ def evaluate(
         tendencies[label] = c.forward if isinstance(c, Corrector) else c
 
     host = bench.host
-    runs = {label: run_forecasts(host, x0, n_out, per_out_host, t)
-            for label, t in tendencies.items()}  # fmt: skip
+    runs = {
+        label: run_forecasts(host, x0, n_out, per_out_host, t) for label, t in tendencies.items()
+    }
     # the limit: the truth model from analysis X and the true Y at the initial time
     y_idx = np.searchsorted(bench.truth_y_times, bench.times[idx] - 1e-9)
     if not np.allclose(bench.truth_y_times[y_idx], bench.times[idx]):
@@ -240,7 +242,7 @@ def evaluate(
             "valid_time_of_mean_rmse": valid_time(leads, rmse / clim_std),
             "rmse_at": {
                 str(t): float(rmse[int(round(t / dt_out))]) for t in REPORT_LEADS if t <= lead_max
-            },  # fmt: skip
+            },
         }
     none_vt, limit_vt = forecasts["none"]["valid_time"], forecasts["limit"]["valid_time"]
     for label in forecasts:
@@ -294,11 +296,17 @@ def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     leads = np.asarray(metrics["lead_times"])
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, f in metrics["forecasts"].items():
-        ax.plot(leads, np.asarray(f["rmse"]) / metrics["clim_std"],
-                label=f"{label} (valid {f['valid_time']:.2f})")  # fmt: skip
+        ax.plot(
+            leads,
+            np.asarray(f["rmse"]) / metrics["clim_std"],
+            label=f"{label} (valid {f['valid_time']:.2f})",
+        )
     ax.axhline(VALID_THRESHOLD, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="lead time (MTU)", ylabel="RMSE / climatological std",
-           title=f"Forecast error over {metrics['n_inits']} test initial times")  # fmt: skip
+    ax.set(
+        xlabel="lead time (MTU)",
+        ylabel="RMSE / climatological std",
+        title=f"Forecast error over {metrics['n_inits']} test initial times",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "rmse_vs_lead.png")
@@ -308,12 +316,20 @@ def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     traj = metrics.get("_trajectories")
     if traj is not None:
         panels = ["truth", "none"] + [k for k in traj if k not in ("truth", "none", "limit")]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), sharey=True,
-                                 layout="constrained")  # fmt: skip
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(3.2 * len(panels), 3.6), sharey=True, layout="constrained"
+        )
         vmax = float(np.nanmax(np.abs(traj["truth"])))
         for ax, label in zip(np.atleast_1d(axes), panels, strict=True):
-            im = ax.pcolormesh(np.arange(1, traj[label].shape[1] + 1), leads, traj[label],
-                               cmap="RdBu_r", vmin=-vmax, vmax=vmax, shading="auto")  # fmt: skip
+            im = ax.pcolormesh(
+                np.arange(1, traj[label].shape[1] + 1),
+                leads,
+                traj[label],
+                cmap="RdBu_r",
+                vmin=-vmax,
+                vmax=vmax,
+                shading="auto",
+            )
             ax.set(title=label, xlabel="k")
         np.atleast_1d(axes)[0].set_ylabel("lead time (MTU)")
         fig.colorbar(im, ax=axes, shrink=0.8, label="X")
@@ -329,8 +345,12 @@ def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
         for label, s in free.items():
             if isinstance(s, dict) and "hist" in s:
                 ax.plot(centres, s["hist"], label=label, lw=2.5 if label == "truth" else 1.2)
-        ax.set(xlabel="X", ylabel="density", yscale="log",
-               title=f"Climate PDFs, {free['length']:.0f}-MTU free runs")  # fmt: skip
+        ax.set(
+            xlabel="X",
+            ylabel="density",
+            yscale="log",
+            title=f"Climate PDFs, {free['length']:.0f}-MTU free runs",
+        )
         ax.set_ylim(bottom=1e-4)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -49,8 +49,9 @@ class Corrector:
         return cls.from_path(mv.path, name=mv.name, version=mv.version)
 
     @classmethod
-    def from_path(cls, path: str | Path, name: str | None = None,
-                  version: int | None = None) -> Corrector:  # fmt: skip
+    def from_path(
+        cls, path: str | Path, name: str | None = None, version: int | None = None
+    ) -> Corrector:
         model, config = artifacts.load(path)
         return cls(model, config, name=name, version=version)
 
@@ -94,8 +95,9 @@ class Corrector:
     def _call_dataset(self, ds: xr.Dataset, forcings) -> xr.Dataset:
         missing = [f for f in self.layout.fields if f not in ds]
         if missing:
-            raise ValueError(f"dataset has no variable '{missing[0]}' (model fields: "
-                             f"{list(self.layout.fields)})")  # fmt: skip
+            raise ValueError(
+                f"dataset has no variable '{missing[0]}' (model fields: {list(self.layout.fields)})"
+            )
         grid = {d for f in self.layout.fields for d in self.layout.field_dims[f]}
         extra = [d for d in ds[self.layout.fields[0]].dims if d not in grid]
         if len(extra) > 1:
@@ -106,8 +108,9 @@ class Corrector:
         state = self.layout.dataset_to_state(ds, batch_dim)
         corr = self(state.astype(np.float64), forcings)
         out = self.layout.state_to_dataset(corr, ds, batch_dim, suffix_units=" per unit time")
-        out.attrs.update(model=self.name, model_version=self.version,
-                         long_name="tendency correction")  # fmt: skip
+        out.attrs.update(
+            model=self.name, model_version=self.version, long_name="tendency correction"
+        )
         return out if extra else out.isel(sample=0, drop=True)
 
     def out_of_distribution(self, state: np.ndarray, threshold: float = 6.0) -> np.ndarray:

@@ -46,9 +46,12 @@ class ModelLayout:
 
     @classmethod
     def from_dataset(
-        cls, ds: xr.Dataset, fields: list[str], level_dims: dict[str, list[str]],
+        cls,
+        ds: xr.Dataset,
+        fields: list[str],
+        level_dims: dict[str, list[str]],
         sample_dim: str = "sample",
-    ) -> ModelLayout:  # fmt: skip
+    ) -> ModelLayout:
         """Infer the layout from the per-field variables of an increment store."""
         field_dims, horizontal = {}, None
         for f in fields:
@@ -64,10 +67,17 @@ class ModelLayout:
             horizontal = h
             field_dims[f] = levels + h
         sizes = {d: int(ds.sizes[d]) for dims in field_dims.values() for d in dims}
-        units = {f: str(ds[f"state_{f}"].attrs.get("units", "1")) for f in fields
-                 if f"state_{f}" in ds}  # fmt: skip
-        return cls(tuple(fields), field_dims, {f: tuple(level_dims.get(f, ())) for f in fields},
-                   horizontal or (), sizes, units)  # fmt: skip
+        units = {
+            f: str(ds[f"state_{f}"].attrs.get("units", "1")) for f in fields if f"state_{f}" in ds
+        }
+        return cls(
+            tuple(fields),
+            field_dims,
+            {f: tuple(level_dims.get(f, ())) for f in fields},
+            horizontal or (),
+            sizes,
+            units,
+        )
 
     @property
     def horizontal_shape(self) -> tuple[int, ...]:
@@ -149,6 +159,5 @@ class ModelLayout:
             c += n
             units = self.units.get(f, "1") + suffix_units
             out[f] = ((batch_dim, *self.field_dims[f]), arr, {"units": units})
-        coords = {k: v for k, v in like.coords.items()
-                  if set(v.dims) <= {batch_dim, *self.sizes}}  # fmt: skip
+        coords = {k: v for k, v in like.coords.items() if set(v.dims) <= {batch_dim, *self.sizes}}
         return xr.Dataset(out, coords=coords)

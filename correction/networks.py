@@ -42,9 +42,13 @@ def _activation(name: str) -> nn.Module:
 
 
 def _stencil_layers(
-    name: str, n_horizontal: int, in_channels: int, out_channels: int, kernel: int,
+    name: str,
+    n_horizontal: int,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
     periodic: bool,
-) -> tuple[nn.Module, type[nn.Module]]:  # fmt: skip
+) -> tuple[nn.Module, type[nn.Module]]:
     """The ``kernel``-point first layer and the conv class for pointwise layers."""
     if n_horizontal not in (1, 2):
         raise ValueError(f"{name} supports 1 or 2 horizontal dims, got {n_horizontal}")
@@ -75,8 +79,9 @@ class StencilCNN(nn.Module):
         activation: str = "gelu",
     ) -> None:
         super().__init__()
-        first, conv = _stencil_layers("stencil-cnn", n_horizontal, in_channels, hidden, kernel,
-                                      periodic)  # fmt: skip
+        first, conv = _stencil_layers(
+            "stencil-cnn", n_horizontal, in_channels, hidden, kernel, periodic
+        )
         layers: list[nn.Module] = [first, _activation(activation)]
         for _ in range(depth - 2):
             layers += [conv(hidden, hidden, 1), _activation(activation)]
@@ -109,8 +114,9 @@ class BilinearCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.hidden = hidden
-        self.stencil, conv = _stencil_layers("bilinear-cnn", n_horizontal, in_channels,
-                                             3 * hidden, kernel, periodic)  # fmt: skip
+        self.stencil, conv = _stencil_layers(
+            "bilinear-cnn", n_horizontal, in_channels, 3 * hidden, kernel, periodic
+        )
         layers: list[nn.Module] = []
         width = 2 * hidden
         for _ in range(depth - 1):
@@ -190,8 +196,12 @@ class CorrectionModel(nn.Module):
         self.register_buffer("out_std", torch.ones(out_channels))
 
     def set_normalisation(self, in_mean, in_std, out_mean, out_std) -> None:
-        for name, value in [("in_mean", in_mean), ("in_std", in_std),
-                            ("out_mean", out_mean), ("out_std", out_std)]:  # fmt: skip
+        for name, value in [
+            ("in_mean", in_mean),
+            ("in_std", in_std),
+            ("out_mean", out_mean),
+            ("out_std", out_std),
+        ]:
             buf = getattr(self, name)
             buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
 

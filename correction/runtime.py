@@ -95,9 +95,12 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(
-        self, model: CorrectionModel, example: tuple[torch.Tensor, ...], threads: int = 1,
+        self,
+        model: CorrectionModel,
+        example: tuple[torch.Tensor, ...],
+        threads: int = 1,
         arena: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         import onnxruntime as ort  # optional at import time: fall back when missing
 
         names = ["state", "forcings"][: len(example)]
@@ -105,10 +108,14 @@ class OnnxRuntime:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.eval(), example, buf, input_names=names, output_names=["correction"],
+                model.eval(),
+                example,
+                buf,
+                input_names=names,
+                output_names=["correction"],
                 dynamic_axes={n: {0: "batch"} for n in [*names, "correction"]},
                 dynamo=False,
-            )  # fmt: skip
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(int(threads), 0)
         options.inter_op_num_threads = 1
@@ -200,8 +207,13 @@ def build_runtime(
             _check(runtime, reference, probes, rtol, atol)
             return runtime
         except Exception as err:  # any failure: the next runtime, never a wrong answer
-            log.warning("%s: runtime %s not used (%s: %s)", label, name, type(err).__name__,
-                        str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+            log.warning(
+                "%s: runtime %s not used (%s: %s)",
+                label,
+                name,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
     return reference
 
 

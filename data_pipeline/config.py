@@ -64,10 +64,22 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         positive = [
-            "K", "J", "dt_truth", "dt_host", "obs_interval", "members", "localization",
-            "inflation", "duration", "forecast_init_every", "forecast_lead_max",
-            "archive_lead_max", "y_stride", "b", "c",
-        ]  # fmt: skip
+            "K",
+            "J",
+            "dt_truth",
+            "dt_host",
+            "obs_interval",
+            "members",
+            "localization",
+            "inflation",
+            "duration",
+            "forecast_init_every",
+            "forecast_lead_max",
+            "archive_lead_max",
+            "y_stride",
+            "b",
+            "c",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -92,8 +104,14 @@ class BenchmarkConfig:
             raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
         self.steps_per(self.obs_interval, self.dt_truth, "obs_interval", "dt_truth")
         self.steps_per(self.obs_interval, self.dt_host, "obs_interval", "dt_host")
-        for name in ["duration", "da_spinup", "forecast_init_every", "forecast_lead_max",
-                     "archive_lead_max", "truth_spinup"]:  # fmt: skip
+        for name in [
+            "duration",
+            "da_spinup",
+            "forecast_init_every",
+            "forecast_lead_max",
+            "archive_lead_max",
+            "truth_spinup",
+        ]:
             self.steps_per(getattr(self, name), self.obs_interval, name, "obs_interval")
 
     @staticmethod
@@ -119,8 +137,10 @@ class BenchmarkConfig:
         """Split spec for ``mecs increments``: train, then validation just before the
         test period (gaps between the blocks), test = the evaluation period."""
         test = self.test_start
-        return (f"train=0:{0.85 * test:g},val={0.87 * test:g}:{test - self.obs_interval:g},"
-                f"test={test:g}:{self.duration:g}")  # fmt: skip
+        return (
+            f"train=0:{0.85 * test:g},val={0.87 * test:g}:{test - self.obs_interval:g},"
+            f"test={test:g}:{self.duration:g}"
+        )
 
     @property
     def analysis_noise(self) -> float:

@@ -133,11 +133,22 @@ class IncrementReport:
 # ----------------------------------------------------------------------------- time axes
 
 _UNIT_NAMES = {
-    "s": "second", "sec": "second", "second": "second", "seconds": "second",
-    "min": "minute", "minute": "minute", "minutes": "minute",
-    "h": "hour", "hr": "hour", "hrs": "hour", "hour": "hour", "hours": "hour",
-    "d": "day", "day": "day", "days": "day",
-}  # fmt: skip
+    "s": "second",
+    "sec": "second",
+    "second": "second",
+    "seconds": "second",
+    "min": "minute",
+    "minute": "minute",
+    "minutes": "minute",
+    "h": "hour",
+    "hr": "hour",
+    "hrs": "hour",
+    "hour": "hour",
+    "hours": "hour",
+    "d": "day",
+    "day": "day",
+    "days": "day",
+}
 _UNIT_NS = {"second": 10**9, "minute": 60 * 10**9, "hour": NS_PER_HOUR, "day": 24 * NS_PER_HOUR}
 
 
@@ -535,10 +546,13 @@ def _open_zarr(path: str) -> xr.Dataset:
 def _step_chunks(ds: xr.Dataset, dim: str) -> int:
     """Steps along ``dim`` per chunk so that one chunk of any variable is ~64 MiB."""
     per_step = max(
-        (v.dtype.itemsize * v.size / max(v.sizes[dim], 1) for v in ds.data_vars.values()
-         if dim in v.dims),
+        (
+            v.dtype.itemsize * v.size / max(v.sizes[dim], 1)
+            for v in ds.data_vars.values()
+            if dim in v.dims
+        ),
         default=1,
-    )  # fmt: skip
+    )
     return max(1, int(INPUT_CHUNK_BYTES // max(per_step, 1)))
 
 
@@ -762,8 +776,12 @@ def _time_axes(ana: xr.Dataset, fc: xr.Dataset) -> tuple:
     _check_axis(ana_values, ana_t, "analyses' time", axis)
     _check_axis(init_values, init_t, "forecasts' init_time", axis)
     leads = _lead_numbers(fc, axis)
-    _check_axis(np.asarray(fc[LEAD].values), leads.astype(np.float64), "forecasts' lead_time",
-                TimeAxis("numeric"))  # fmt: skip
+    _check_axis(
+        np.asarray(fc[LEAD].values),
+        leads.astype(np.float64),
+        "forecasts' lead_time",
+        TimeAxis("numeric"),
+    )
     return axis, ana_values, init_values, ana_t, init_t, leads
 
 
@@ -966,29 +984,45 @@ def plan_increments(
         a_valid, f_w, s_in = (gather(arr, idx, cs) for arr, idx in rows[f].values())
         inputs[f] = {"analysis_valid": a_valid, "forecast": f_w, "state": s_in}
         lazy = {
-            role: da.map_blocks(_role_block, a_valid, f_w, s_in, role=role, w_units=w_units,
-                                dtype=np.float32)
+            role: da.map_blocks(
+                _role_block, a_valid, f_w, s_in, role=role, w_units=w_units, dtype=np.float32
+            )
             for role in ROLES
-        }  # fmt: skip
+        }
         units = _units(ana[f].attrs) or _units(fc[f].attrs) or "1"
         dims = (SAMPLE, *g)
         long = ana[f].attrs.get("long_name", f)
         span = axis.fmt_span(w)
         data_vars[f"state_{f}"] = xr.Variable(
-            dims, lazy["state"],
-            {"role": "state", "field": f, "units": units,
-             "long_name": f"{long} at the start of the window ({state})"},
-        )  # fmt: skip
+            dims,
+            lazy["state"],
+            {
+                "role": "state",
+                "field": f,
+                "units": units,
+                "long_name": f"{long} at the start of the window ({state})",
+            },
+        )
         data_vars[f"increment_{f}"] = xr.Variable(
-            dims, lazy["increment"],
-            {"role": "increment", "field": f, "units": units,
-             "long_name": f"analysis minus {span} forecast of {long}"},
-        )  # fmt: skip
+            dims,
+            lazy["increment"],
+            {
+                "role": "increment",
+                "field": f,
+                "units": units,
+                "long_name": f"analysis minus {span} forecast of {long}",
+            },
+        )
         data_vars[f"target_{f}"] = xr.Variable(
-            dims, lazy["target"],
-            {"role": "target", "field": f, "units": f"{units} per {t_unit}",
-             "long_name": f"increment of {long} per {t_unit} (increment / window)"},
-        )  # fmt: skip
+            dims,
+            lazy["target"],
+            {
+                "role": "target",
+                "field": f,
+                "units": f"{units} per {t_unit}",
+                "long_name": f"increment of {long} per {t_unit} (increment / window)",
+            },
+        )
 
     # coordinates
     sample_init = init_values[init_index]
@@ -998,13 +1032,19 @@ def plan_increments(
         time_attrs["units"] = ana[TIME].attrs["units"]
     coords: dict[str, Any] = {
         INIT: (SAMPLE, sample_init, {**time_attrs, "long_name": "forecast initial time"}),
-        "valid_time": (SAMPLE, sample_valid,
-                       {**time_attrs, "long_name": "analysis time the increment is valid at"}),
+        "valid_time": (
+            SAMPLE,
+            sample_valid,
+            {**time_attrs, "long_name": "analysis time the increment is valid at"},
+        ),
         # fixed-width strings: they read back as numpy "<U5" (variable-length zarr strings
         # read back as StringDType, which numpy cannot cast with astype(str))
-        "split": (SAMPLE, labels.astype("U5"),
-                  {"long_name": "data split (contiguous time blocks)"}),
-    }  # fmt: skip
+        "split": (
+            SAMPLE,
+            labels.astype("U5"),
+            {"long_name": "data split (contiguous time blocks)"},
+        ),
+    }
     all_grid = {d for f in fields for d in grids[f]}
     for name, c in _grid_coords(fc, all_grid).items():
         coords[name] = c.variable.load()
@@ -1229,8 +1269,9 @@ def _chunk_tasks(plan: IncrementPlan, store: str) -> list[Any]:
             ks, local = _row_sources(bounds, index[start : start + cs])
             layout.append(local)
             refs.extend(keys[k] for k in ks)
-        run = partial(_chunk_task, store, names, level_axes, start, plan.train_range, w_units,
-                      layout)  # fmt: skip
+        run = partial(
+            _chunk_task, store, names, level_axes, start, plan.train_range, w_units, layout
+        )
         dsk[(name, j)] = (run, *refs)
         task_keys.append((name, j))
     return [Delayed(k, _closure(dsk, k)) for k in task_keys]
@@ -1403,8 +1444,15 @@ def run_chunks(
 
     window = window or 2 * _parallelism(client)
     results: list[dict[str, Any] | None] = [None] * len(tasks)
-    bar = tqdm(total=len(tasks), desc="increments", unit="chunk", file=sys.stderr,
-               disable=not progress, mininterval=0.5, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(tasks),
+        desc="increments",
+        unit="chunk",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
     with bar:
         if client is None:
             for start in range(0, len(tasks), window):
@@ -1479,15 +1527,21 @@ def build_increments(
     else:
         check_destination(Path(out_text).absolute(), overwrite)
     plan = plan_increments(
-        analyses, forecasts, window, variables=variables, split=split, gap=gap,
-        chunk_samples=chunk_samples, missing=missing, state=state, tolerance=tolerance,
+        analyses,
+        forecasts,
+        window,
+        variables=variables,
+        split=split,
+        gap=gap,
+        chunk_samples=chunk_samples,
+        missing=missing,
+        state=state,
+        tolerance=tolerance,
         level_dims=level_dims,
-    )  # fmt: skip
+    )
     ds = plan.dataset
     cs = plan.chunk_samples
-    encoding = {
-        name: {"chunks": (cs, *var.shape[1:])} for name, var in ds.data_vars.items()
-    }  # fmt: skip
+    encoding = {name: {"chunks": (cs, *var.shape[1:])} for name, var in ds.data_vars.items()}
     with dask_scheduler(scheduler, n_workers) as client, warnings.catch_warnings():
         # zarr-python stores the "<U5" split labels as its fixed_length_utf32 data type
         warnings.filterwarnings("ignore", message=".*Zarr V3 specification.*")
@@ -1502,8 +1556,9 @@ def build_increments(
             # the data by one task per chunk
             template = ds.copy()
             for name, var in ds.data_vars.items():
-                template[name] = var.copy(data=da.empty(var.shape, chunks=var.data.chunks,
-                                                        dtype=var.dtype))  # fmt: skip
+                template[name] = var.copy(
+                    data=da.empty(var.shape, chunks=var.data.chunks, dtype=var.dtype)
+                )
             write_zarr(template, store, encoding=encoding, compute=False)
             summary = _finalize(*run_chunks(_chunk_tasks(plan, store), client, progress))
             if any(len(b) for b in summary["bad"]):

@@ -46,8 +46,7 @@ class SynthResult:
 
 
 def truth_model(cfg: BenchmarkConfig) -> Lorenz96TwoScale:
-    return Lorenz96TwoScale(K=cfg.K, J=cfg.J, F=cfg.F, h=cfg.h, b=cfg.b, c=cfg.c,
-                            dt=cfg.dt_truth)  # fmt: skip
+    return Lorenz96TwoScale(K=cfg.K, J=cfg.J, F=cfg.F, h=cfg.h, b=cfg.b, c=cfg.c, dt=cfg.dt_truth)
 
 
 def host_model(cfg: BenchmarkConfig) -> Lorenz96:
@@ -72,8 +71,9 @@ def run_truth(
     n_total = n_spin + n_da + cfg.n_cycles + 1
     out = np.empty((n_total, state.shape[-1]))
     with torch.inference_mode():
-        for i in tqdm(range(n_total), desc="truth", unit="cycle", disable=not progress,
-                      mininterval=1.0):  # fmt: skip
+        for i in tqdm(
+            range(n_total), desc="truth", unit="cycle", disable=not progress, mininterval=1.0
+        ):
             out[i] = state.numpy()
             for _ in range(per_obs):
                 state = model.step(state)
@@ -100,8 +100,9 @@ def run_letkf(
     ens = climatology[pick].copy()  # the filter starts from climatology, not the truth
     means = np.empty_like(obs)
     with torch.inference_mode():
-        for i in tqdm(range(len(obs)), desc="letkf", unit="cycle", disable=not progress,
-                      mininterval=1.0):  # fmt: skip
+        for i in tqdm(
+            range(len(obs)), desc="letkf", unit="cycle", disable=not progress, mininterval=1.0
+        ):
             if i > 0:
                 x = torch.from_numpy(ens)
                 for _ in range(per_obs):
@@ -164,8 +165,11 @@ def forecast_dataset(
     )
     ds.coords["init_time"].attrs.update(long_name="forecast initial time")
     valid = np.round(init_times[:, None] + leads[None, :], 10)
-    ds.coords["valid_time"] = (("init_time", "lead_time"), valid,
-                               {"long_name": "forecast valid time", "units": "1"})  # fmt: skip
+    ds.coords["valid_time"] = (
+        ("init_time", "lead_time"),
+        valid,
+        {"long_name": "forecast valid time", "units": "1"},
+    )
     return ds
 
 
@@ -212,19 +216,29 @@ def generate(
             attrs={
                 **_common_attrs(cfg, "two-scale Lorenz-96 truth"),
                 "model": "two-scale Lorenz-96 (RK4)",
-            },  # fmt: skip
+            },
         )
-        write_zarr(truth_ds, stage / "truth.zarr",
-                   encoding={"X": {"chunks": (2000, cfg.K)},
-                             "Y": {"chunks": (500, cfg.K, cfg.J)}})  # fmt: skip
+        write_zarr(
+            truth_ds,
+            stage / "truth.zarr",
+            encoding={"X": {"chunks": (2000, cfg.K)}, "Y": {"chunks": (500, cfg.K, cfg.J)}},
+        )
 
         obs_ds = xr.Dataset(
-            {"X": (("time", "k"), obs.astype(STORE_DTYPE),
-                   {**X_ATTRS, "long_name": "observed slow variable X"})},
+            {
+                "X": (
+                    ("time", "k"),
+                    obs.astype(STORE_DTYPE),
+                    {**X_ATTRS, "long_name": "observed slow variable X"},
+                )
+            },
             coords={"time": _time_coord(times), **_grid_coords(cfg)},
-            attrs={**_common_attrs(cfg, "observations of X"), "obs_sigma": cfg.obs_sigma,
-                   "observation_operator": "identity (every X observed)"},
-        )  # fmt: skip
+            attrs={
+                **_common_attrs(cfg, "observations of X"),
+                "obs_sigma": cfg.obs_sigma,
+                "observation_operator": "identity (every X observed)",
+            },
+        )
         write_zarr(obs_ds, stage / "observations.zarr", encoding={"X": {"chunks": (2000, cfg.K)}})
 
         method = (
@@ -234,32 +248,46 @@ def generate(
             else f"truth plus Gaussian noise (sigma {cfg.analysis_noise})"
         )
         ana_ds = xr.Dataset(
-            {"X": (("time", "k"), analyses.astype(STORE_DTYPE),
-                   {**X_ATTRS, "long_name": "analysis of slow variable X"})},
+            {
+                "X": (
+                    ("time", "k"),
+                    analyses.astype(STORE_DTYPE),
+                    {**X_ATTRS, "long_name": "analysis of slow variable X"},
+                )
+            },
             coords={"time": _time_coord(times), **_grid_coords(cfg)},
-            attrs={**_common_attrs(cfg, "analyses of X"), "analysis_method": method,
-                   "rmse_vs_truth": a_rmse, "test_start": cfg.test_start},
-        )  # fmt: skip
+            attrs={
+                **_common_attrs(cfg, "analyses of X"),
+                "analysis_method": method,
+                "rmse_vs_truth": a_rmse,
+                "test_start": cfg.test_start,
+            },
+        )
         write_zarr(ana_ds, stage / "analyses.zarr", encoding={"X": {"chunks": (2000, cfg.K)}})
 
         # short forecasts from every analysis: the archive the increment pipeline reads
         archive = host_forecasts(cfg, analyses, cfg.archive_lead_max)
-        write_zarr(forecast_dataset(cfg, times, archive, "host forecast archive"),
-                   stage / "forecasts_archive.zarr",
-                   encoding={"X": {"chunks": (2000, archive.shape[1], cfg.K)}})  # fmt: skip
+        write_zarr(
+            forecast_dataset(cfg, times, archive, "host forecast archive"),
+            stage / "forecasts_archive.zarr",
+            encoding={"X": {"chunks": (2000, archive.shape[1], cfg.K)}},
+        )
 
         # long forecasts from the test period, for evaluation against the truth
-        stride = cfg.steps_per(cfg.forecast_init_every, cfg.obs_interval,
-                               "forecast_init_every", "obs_interval")  # fmt: skip
+        stride = cfg.steps_per(
+            cfg.forecast_init_every, cfg.obs_interval, "forecast_init_every", "obs_interval"
+        )
         first = int(round(cfg.test_start / cfg.obs_interval))
         n_lead = cfg.steps_per(cfg.forecast_lead_max, cfg.obs_interval, "lead", "obs")
         idx = np.arange(first, len(times) - n_lead, stride)
         if len(idx) == 0:
             raise ValueError("the test period is shorter than forecast_lead_max: no forecasts")
         long_fc = host_forecasts(cfg, analyses[idx], cfg.forecast_lead_max)
-        write_zarr(forecast_dataset(cfg, times[idx], long_fc, "host forecasts, test period"),
-                   stage / "forecasts.zarr",
-                   encoding={"X": {"chunks": (100, long_fc.shape[1], cfg.K)}})  # fmt: skip
+        write_zarr(
+            forecast_dataset(cfg, times[idx], long_fc, "host forecasts, test period"),
+            stage / "forecasts.zarr",
+            encoding={"X": {"chunks": (100, long_fc.shape[1], cfg.K)}},
+        )
 
         summary = {
             "config": cfg.to_dict(),
@@ -269,7 +297,7 @@ def generate(
                 "analyses.zarr",
                 "forecasts_archive.zarr",
                 "forecasts.zarr",
-            ],  # fmt: skip
+            ],
             "test_start": cfg.test_start,
             "analysis_rmse": a_rmse,
             "observation_rmse": o_rmse,

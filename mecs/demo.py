@@ -53,21 +53,29 @@ class DemoPlan:
     def make(cls, preset: str, quick: bool) -> DemoPlan:
         if quick:
             return cls(
-                quick, preset,
-                synth={"duration": 60.0, "da_spinup": 5.0, "truth_spinup": 5.0,
-                       "forecast_init_every": 1.0},
+                quick,
+                preset,
+                synth={
+                    "duration": 60.0,
+                    "da_spinup": 5.0,
+                    "truth_spinup": 5.0,
+                    "forecast_init_every": 1.0,
+                },
                 pretrain={**STENCIL, "max_epochs": 12, "early_stopping": 4},
                 emulator={"n_states": 6000, "epochs": 10},
                 finetune={"mode": "hybrid", "iterations": 100, "unroll": 4, "val_every": 25},
-                forecast_steps=200, members=20, free_run=50.0,
-            )  # fmt: skip
+                forecast_steps=200,
+                members=20,
+                free_run=50.0,
+            )
         return cls(
-            quick, preset,
+            quick,
+            preset,
             synth={"duration": 500.0},
             pretrain={**STENCIL, "max_epochs": 30},
             emulator={},
             finetune={"mode": "hybrid", "iterations": 300, "unroll": 10, "val_every": 50},
-        )  # fmt: skip
+        )
 
 
 class Stages:
@@ -122,14 +130,30 @@ class ServiceProcess:
         self.port = _free_port()
         self.key = secrets.token_urlsafe(24)
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, MECS_INFERENCE_KEYS=self.key, MECS_ADMIN_KEYS=self.key,
-                   MECS_LOG_LEVEL="warning")  # fmt: skip
+        env = dict(
+            os.environ,
+            MECS_INFERENCE_KEYS=self.key,
+            MECS_ADMIN_KEYS=self.key,
+            MECS_LOG_LEVEL="warning",
+        )
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mecs", "serve", "--repository", str(repository),
-             "--host", "127.0.0.1", "--port", str(self.port)],  # fmt: skip
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mecs",
+                "serve",
+                "--repository",
+                str(repository),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -157,8 +181,12 @@ class ServiceProcess:
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None) -> None:
     """Run one ``mecs`` subcommand in a child process; fail loudly."""
-    proc = subprocess.run([sys.executable, "-m", "mecs", *args], capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mecs", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"mecs {args[0]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     for line in proc.stdout.splitlines():
@@ -193,14 +221,23 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     stages = Stages(out, fresh, total=8)
     cfg = load_config(preset, quick=quick, **plan.synth)
 
-    stages.run("synthetic benchmark (mecs synth)", synth_dir / "config.json",
-               lambda: generate(cfg, synth_dir, overwrite=True))  # fmt: skip
+    stages.run(
+        "synthetic benchmark (mecs synth)",
+        synth_dir / "config.json",
+        lambda: generate(cfg, synth_dir, overwrite=True),
+    )
 
     def increments() -> None:
         split = cfg.increment_split()
-        report = build_increments(synth_dir / "analyses.zarr",
-                                  synth_dir / "forecasts_archive.zarr", cfg.obs_interval, inc,
-                                  split=split, scheduler="local", overwrite=True)  # fmt: skip
+        report = build_increments(
+            synth_dir / "analyses.zarr",
+            synth_dir / "forecasts_archive.zarr",
+            cfg.obs_interval,
+            inc,
+            split=split,
+            scheduler="local",
+            overwrite=True,
+        )
         for line in report.summary().splitlines():
             print(f"    {line}")
 
@@ -218,22 +255,44 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     host = Lorenz96(K=cfg.K, F=cfg.host_F, dt=cfg.dt_host)
 
     def emulator() -> None:
-        _, m = train_emulator(host, "l96", bench.analyses[:train_end], layout, emu,
-                              EmulatorConfig(**plan.emulator), progress=False)  # fmt: skip
+        _, m = train_emulator(
+            host,
+            "l96",
+            bench.analyses[:train_end],
+            layout,
+            emu,
+            EmulatorConfig(**plan.emulator),
+            progress=False,
+        )
         print(f"    one-step RMSE {m['one_step_rmse']:.4f}, 10-step {m['ten_step_rmse']:.4f}")
 
     stages.run("host-model emulator (mecs emulator)", emu / "config.json", emulator)
 
     def online() -> None:
         steps = round(cfg.obs_interval / cfg.dt_host)
-        res = finetune(repo, MODEL, bench.analyses, host, FinetuneConfig(**plan.finetune), steps,
-                       train_end, from_version=1, emulator_path=emu, data_ref=str(synth_dir),
-                       progress=False)  # fmt: skip
-        print(f"    a posteriori validation loss {res.history[0]['val_loss']:.5f} -> "
-              f"{res.best_val:.5f}")  # fmt: skip
+        res = finetune(
+            repo,
+            MODEL,
+            bench.analyses,
+            host,
+            FinetuneConfig(**plan.finetune),
+            steps,
+            train_end,
+            from_version=1,
+            emulator_path=emu,
+            data_ref=str(synth_dir),
+            progress=False,
+        )
+        print(
+            f"    a posteriori validation loss {res.history[0]['val_loss']:.5f} -> "
+            f"{res.best_val:.5f}"
+        )
 
-    stages.run(f"online fine-tuning, {plan.finetune['mode']} mode (mecs finetune)",
-               repo / MODEL / "2" / "config.json", online)  # fmt: skip
+    stages.run(
+        f"online fine-tuning, {plan.finetune['mode']} mode (mecs finetune)",
+        repo / MODEL / "2" / "config.json",
+        online,
+    )
 
     service_json = fc_dir / "service.json"
 
@@ -246,10 +305,27 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
             for label, members in [("single", 1), ("ensemble", plan.members)]:
                 store = fc_dir / f"{label}.zarr"
                 shutil.rmtree(store, ignore_errors=True)
-                _run_cli(["forecast", "--host", "l96", "--init", str(synth_dir / "analyses.zarr"),
-                          "--steps", str(plan.forecast_steps), "--members", str(members),
-                          "--service", server.url, "--model", MODEL, "--out", str(store),
-                          "--no-progress"], env={"MECS_API_KEY": server.key})  # fmt: skip
+                _run_cli(
+                    [
+                        "forecast",
+                        "--host",
+                        "l96",
+                        "--init",
+                        str(synth_dir / "analyses.zarr"),
+                        "--steps",
+                        str(plan.forecast_steps),
+                        "--members",
+                        str(members),
+                        "--service",
+                        server.url,
+                        "--model",
+                        MODEL,
+                        "--out",
+                        str(store),
+                        "--no-progress",
+                    ],
+                    env={"MECS_API_KEY": server.key},
+                )
                 figures[label] = _forecast_figures(store)
             text = server.metrics()
             figures["requests_total"] = _metric_total(text, "mecs_http_requests_total")
@@ -258,18 +334,27 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
             server.stop()
         service_json.write_text(json.dumps(figures, indent=1) + "\n")
 
-    stages.run("mecs serve + coupled forecasts through HTTP (mecs forecast)", service_json,
-               serve_and_forecast)  # fmt: skip
+    stages.run(
+        "mecs serve + coupled forecasts through HTTP (mecs forecast)",
+        service_json,
+        serve_and_forecast,
+    )
 
     metrics_path = eval_dir / "metrics.json"
 
     def evaluation() -> None:
         offline_c, online_c = Corrector.load(repo, MODEL, 1), Corrector.load(repo, MODEL, 2)
-        metrics = evaluate(bench, {"offline": offline_c, "online": online_c},
-                           poly=fit_polynomial(inc), free_run=plan.free_run,
-                           keep_trajectories=True)  # fmt: skip
-        metrics["models"] = {"offline": {"name": MODEL, "version": 1},
-                             "online": {"name": MODEL, "version": 2}}  # fmt: skip
+        metrics = evaluate(
+            bench,
+            {"offline": offline_c, "online": online_c},
+            poly=fit_polynomial(inc),
+            free_run=plan.free_run,
+            keep_trajectories=True,
+        )
+        metrics["models"] = {
+            "offline": {"name": MODEL, "version": 1},
+            "online": {"name": MODEL, "version": 2},
+        }
         write_plots(metrics, eval_dir)
         metrics_path.write_text(json.dumps(clean_for_json(metrics), indent=1) + "\n")
 

@@ -38,8 +38,9 @@ def training_curves(models: Path, out: Path) -> Path:
     axes[0].set(title="offline pretraining", xlabel="epoch", ylabel="MSE (normalised target)")
     axes[0].legend()
     axes[1].plot([h["iteration"] for h in fin], [h["val_loss"] for h in fin], marker="o")
-    axes[1].set(title="online fine-tuning", xlabel="iteration",
-                ylabel="a posteriori MSE / clim. var.")  # fmt: skip
+    axes[1].set(
+        title="online fine-tuning", xlabel="iteration", ylabel="a posteriori MSE / clim. var."
+    )
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=110)
@@ -72,14 +73,18 @@ def write_report(out: Path, plan: Any, cfg: Any, timings: dict[str, float]) -> P
         f"({metrics['clim_std']:.2f}) exceeds {metrics['valid_threshold']}, averaged over "
         "forecasts. Gap closed = (valid time - none) / (limit - none).",
         "",
-        "| forecast | valid time (MTU) | gap closed | " + " | ".join(
-            f"RMSE @ {t}" for t in leads) + " |",
+        "| forecast | valid time (MTU) | gap closed | "
+        + " | ".join(f"RMSE @ {t}" for t in leads)
+        + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in leads) + " |",
-    ]  # fmt: skip
+    ]
     for label, row in f.items():
         cells = [_fmt(row["rmse_at"].get(t)) for t in leads]
-        lines.append(f"| {label} | {row['valid_time']:.2f} | {_fmt(row['gap_closed'], 2)} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
+        lines.append(
+            f"| {label} | {row['valid_time']:.2f} | {_fmt(row['gap_closed'], 2)} | "
+            + " | ".join(cells)
+            + " |"
+        )
     lines += [
         "",
         "`none`: the uncorrected host; `poly3`: cubic polynomial of local X fitted to the "
@@ -172,8 +177,9 @@ def markdown_to_html(text: str) -> str:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-", " "}]
             cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
             head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
-            rest = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>"
-                           for r in cells[1:])  # fmt: skip
+            rest = "".join(
+                "<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:]
+            )
             body.append(f"<table><tr>{head}</tr>{rest}</table>")
             table.clear()
 
@@ -189,5 +195,7 @@ def markdown_to_html(text: str) -> str:
             body.append(f"<p>{inline(line)}</p>")
     flush()
     style = "body{font-family:sans-serif;max-width:60em}td,th{padding:2px 8px}img{max-width:100%}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>mecs demo report</title>" \
-           f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"  # fmt: skip
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>mecs demo report</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )

@@ -64,9 +64,9 @@ class Settings(ServiceSettings):
         description="increment store the pipeline writes and pretraining reads",
     )
     emulator: str = Field(
-        "/data/emulator", description="emulator artifact the emulator job writes and the "
-        "trainer reads",
-    )  # fmt: skip
+        "/data/emulator",
+        description="emulator artifact the emulator job writes and the trainer reads",
+    )
     forecast_out: str = Field(
         "/data/forecast.zarr", description="output store of the forecast job (replaced)"
     )
@@ -224,8 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--check", metavar="ENV_FILE", help="env file to validate (.env)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table")
-    parser.add_argument("--compose-values", metavar="ENV_FILE",
-                        help="with --table: add a column of this file's values")  # fmt: skip
+    parser.add_argument(
+        "--compose-values",
+        metavar="ENV_FILE",
+        help="with --table: add a column of this file's values",
+    )
     args = parser.parse_args(argv)
     if not args.check and not args.table:
         parser.error("nothing to do: pass --check ENV_FILE or --table")

@@ -234,8 +234,9 @@ def _install_openapi(app: FastAPI) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version,
-                             description=app.description, routes=app.routes)  # fmt: skip
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         comps = schema.setdefault("components", {})
         req = InferRequestDoc.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.setdefault("schemas", {}).update(req.pop("$defs", {}))
@@ -276,8 +277,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         raise SettingsError(str(err)) from None
     _check_auth_config(settings, keys)
     if "MECS_TORCHSCRIPT" in os.environ:  # replaced by MECS_RUNTIME; say so, do not ignore quietly
-        log.warning("MECS_TORCHSCRIPT is no longer read: choose the runtime with MECS_RUNTIME "
-                    "(onnxruntime, torchscript or eager; now %s)", settings.runtime)  # fmt: skip
+        log.warning(
+            "MECS_TORCHSCRIPT is no longer read: choose the runtime with MECS_RUNTIME "
+            "(onnxruntime, torchscript or eager; now %s)",
+            settings.runtime,
+        )
     state = ServiceState(settings=settings, keys=keys)
 
     @asynccontextmanager

@@ -75,8 +75,11 @@ def authenticate(request: Request, need: str) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         state.metrics.auth_failures.inc("missing")
-        raise ServiceError(401, "missing bearer API key (send 'Authorization: Bearer <key>')",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise ServiceError(
+            401,
+            "missing bearer API key (send 'Authorization: Bearer <key>')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     scope = keys.scope_of(token.strip())
     if scope is None:
         state.metrics.auth_failures.inc("invalid")

@@ -227,10 +227,14 @@ class CorrectionClient:
         return "".join(lines).encode("latin-1")
 
     def _send(
-        self, method: str, path: str, body: bytes | list[bytes | memoryview] = b"",
-        headers: dict[str, str] | None = None, idempotent: bool = True,
+        self,
+        method: str,
+        path: str,
+        body: bytes | list[bytes | memoryview] = b"",
+        headers: dict[str, str] | None = None,
+        idempotent: bool = True,
         timeout: float | None = None,
-    ) -> tuple[int, dict[str, str], bytearray]:  # fmt: skip
+    ) -> tuple[int, dict[str, str], bytearray]:
         size = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
         head = self._head(method, path, headers or {}, size)
         attempts = 1 + (self.retries if idempotent else 0)
@@ -298,8 +302,9 @@ class CorrectionClient:
         """Admin: (re)load a model, optionally pinning ``version`` as its default."""
         body = json.dumps({"parameters": {"version": str(version)}} if version else {}).encode()
         path = f"{self._prefix}/v2/repository/models/{quote(name or self.model, safe='')}/load"
-        _, _, data = self._send("POST", path, body, {"Content-Type": "application/json"},
-                                idempotent=False)  # fmt: skip
+        _, _, data = self._send(
+            "POST", path, body, {"Content-Type": "application/json"}, idempotent=False
+        )
         return json.loads(data)
 
     def unload_model(self, name: str | None = None) -> dict[str, Any]:
@@ -312,9 +317,13 @@ class CorrectionClient:
         return data.decode()
 
     def infer(
-        self, state: np.ndarray, dt: float | None = None, request_id: str | None = None,
-        forcings: np.ndarray | None = None, binary: bool | None = None,
-    ) -> InferResult:  # fmt: skip
+        self,
+        state: np.ndarray,
+        dt: float | None = None,
+        request_id: str | None = None,
+        forcings: np.ndarray | None = None,
+        binary: bool | None = None,
+    ) -> InferResult:
         """One infer call (raises :class:`ServiceError` on failure, after retries)."""
         arr = np.asarray(state)
         single = arr.ndim == 1
@@ -328,9 +337,11 @@ class CorrectionClient:
         if forcings is not None:
             inputs["forcings"] = np.asarray(forcings, dtype=batch.dtype).reshape(len(batch), -1)
         body, headers = encode_infer_request_parts(
-            inputs, binary=self.binary if binary is None else binary, request_id=request_id,
+            inputs,
+            binary=self.binary if binary is None else binary,
+            request_id=request_id,
             parameters=params,
-        )  # fmt: skip
+        )
         self.calls += 1
         _, h, data = self._send("POST", self._infer_path, body, headers)
         header, arrays = decode_infer_response(data, h.get(HEADER_LENGTH.lower()))

@@ -43,13 +43,15 @@ class LocalCorrection:
     """A corrector in this process, with the service's runtime and guardrails."""
 
     def __init__(
-        self, corrector: Corrector, cap_std: float | None = 10.0, ood_threshold_std: float = 6.0,
+        self,
+        corrector: Corrector,
+        cap_std: float | None = 10.0,
+        ood_threshold_std: float = 6.0,
         runtime: str = "onnxruntime",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.corrector = corrector
         # one model, one steady state size: ONNX Runtime's memory arena pays here
-        self.forward = GuardedCorrector(corrector, cap_std, ood_threshold_std, runtime,
-                                        arena=True)  # fmt: skip
+        self.forward = GuardedCorrector(corrector, cap_std, ood_threshold_std, runtime, arena=True)
         self.dtype = self.forward.dtype
         self.version = int(corrector.version) if corrector.version is not None else None
         self.description = f"in-process {corrector.name} v{self.version}"
@@ -66,8 +68,10 @@ class LocalCorrection:
 
     def variables(self) -> list[dict[str, Any]]:
         layout = self.corrector.layout
-        return [{"name": f, "dims": list(layout.field_dims[f]), "units": layout.units.get(f, "1")}
-                for f in layout.fields]  # fmt: skip
+        return [
+            {"name": f, "dims": list(layout.field_dims[f]), "units": layout.units.get(f, "1")}
+            for f in layout.fields
+        ]
 
 
 class ServiceCorrection:
@@ -141,8 +145,10 @@ def run_forecast(
         raise ValueError("steps and output_every must be >= 1")
     x = np.array(x0, dtype=np.float64)
     if tuple(x.shape[1:]) != tuple(host.state_shape):
-        raise ValueError(f"initial state has shape {list(x.shape)}, host '{host.name}' needs "
-                         f"[members, {', '.join(map(str, host.state_shape))}]")  # fmt: skip
+        raise ValueError(
+            f"initial state has shape {list(x.shape)}, host '{host.name}' needs "
+            f"[members, {', '.join(map(str, host.state_shape))}]"
+        )
     states, kept, versions = [x.copy()], [0], []
     latencies = np.empty(steps)
     walls = np.empty(steps)

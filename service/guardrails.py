@@ -76,19 +76,29 @@ class GuardedCorrector:
     """
 
     def __init__(
-        self, corrector: Corrector, cap_std: float | None, ood_threshold_std: float | None,
-        runtime: str = "onnxruntime", threads: int = 1, arena: bool = False,
+        self,
+        corrector: Corrector,
+        cap_std: float | None,
+        ood_threshold_std: float | None,
+        runtime: str = "onnxruntime",
+        threads: int = 1,
+        arena: bool = False,
         label: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.guard = Guardrails(corrector, cap_std, ood_threshold_std)
         self.dtype = model_dtype(corrector.model)
         # the network takes [B, C, *H]: a state [B, *state_shape] is that layout
         # already (several fields) or a reshape of it (one field)
         layout = corrector.layout
         self.packed = (layout.channels, *layout.horizontal_shape)
-        self.runtime = build_runtime(corrector.model, self.packed, runtime, threads,
-                                     label=label or f"model '{corrector.name}'",
-                                     arena=arena)  # fmt: skip
+        self.runtime = build_runtime(
+            corrector.model,
+            self.packed,
+            runtime,
+            threads,
+            label=label or f"model '{corrector.name}'",
+            arena=arena,
+        )
 
     def __call__(
         self, state: np.ndarray, forcings: np.ndarray | None = None

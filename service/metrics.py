@@ -14,9 +14,23 @@ import math
 from collections.abc import Iterable, Sequence
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 
@@ -115,17 +129,20 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.http_requests = Counter(
-            "mecs_http_requests_total", "HTTP requests by endpoint and status",
+            "mecs_http_requests_total",
+            "HTTP requests by endpoint and status",
             ["endpoint", "method", "status"],
-        )  # fmt: skip
+        )
         self.http_latency = Histogram(
-            "mecs_http_request_duration_seconds", "HTTP handling time in the server",
+            "mecs_http_request_duration_seconds",
+            "HTTP handling time in the server",
             ["endpoint"],
-        )  # fmt: skip
+        )
         self.infer_requests = Counter(
-            "mecs_inference_requests_total", "infer requests by model, version and status",
+            "mecs_inference_requests_total",
+            "infer requests by model, version and status",
             ["model", "version", "status"],
-        )  # fmt: skip
+        )
         self.infer_latency = Histogram(
             "mecs_inference_duration_seconds",
             "infer request time in the server (body read to response built)",
@@ -147,9 +164,10 @@ class ServiceMetrics:
             "mecs_batch_queue_wait_seconds", "time a request waited for its batch", ["model"]
         )
         self.rejected = Counter(
-            "mecs_rejected_inputs_total", "infer requests rejected by validation",
+            "mecs_rejected_inputs_total",
+            "infer requests rejected by validation",
             ["model", "reason"],
-        )  # fmt: skip
+        )
         self.ood_samples = Counter(
             "mecs_out_of_distribution_samples_total",
             "samples whose input lies far outside the training statistics",
@@ -161,9 +179,10 @@ class ServiceMetrics:
             ["model", "version"],
         )
         self.capped = Counter(
-            "mecs_capped_values_total", "correction values clipped by the magnitude cap",
+            "mecs_capped_values_total",
+            "correction values clipped by the magnitude cap",
             ["model", "version"],
-        )  # fmt: skip
+        )
         self.client_degraded = Counter(
             "mecs_client_degraded_steps_total",
             "steps clients ran without a fresh correction, as they report on reconnection",

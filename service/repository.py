@@ -62,10 +62,14 @@ class LoadedModel:
         self.n_forcings = int(corrector.model.n_forcings)
         self.loaded_at = time.time()
         self.forward = GuardedCorrector(
-            corrector, settings.correction_cap_std, settings.ood_threshold_std,
-            settings.runtime, settings.torch_threads, settings.runtime_arena,
+            corrector,
+            settings.correction_cap_std,
+            settings.ood_threshold_std,
+            settings.runtime,
+            settings.torch_threads,
+            settings.runtime_arena,
             label=f"model '{self.name}' v{self.version}",
-        )  # fmt: skip
+        )
         self.dtype = self.forward.dtype
         self.runtime = self.forward.runtime
         labels = (self.name, self.version_str)
@@ -127,7 +131,7 @@ class LoadedModel:
                         "units": layout.units.get(f, "1"),
                     }
                     for f in layout.fields
-                ],  # fmt: skip
+                ],
                 "correction": "tendency correction, state units per unit time",
                 "network": config.get("network", {}).get("name"),
                 "runtime": self.runtime.name,
@@ -316,8 +320,11 @@ class ModelRepository:
         default = slot.default
         if default is None:
             if slot.unloaded:
-                raise ServiceError(404, f"model '{name}' is not loaded (unloaded by an "
-                                        "administrator; load it to serve it again)")  # fmt: skip
+                raise ServiceError(
+                    404,
+                    f"model '{name}' is not loaded (unloaded by an "
+                    "administrator; load it to serve it again)",
+                )
             raise ServiceError(503, f"model '{name}' has no loadable version")
         if version is None or version == default.version:
             return default

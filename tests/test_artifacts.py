@@ -72,8 +72,9 @@ def test_normalisation_round_trip(tmp_path):
     torch.testing.assert_close(z * 3.6 + 2.5, x)
     corr = Corrector(*load(publish(tmp_path, "m", model, config).path))
     y_norm = model.forward_normalised(x).detach()
-    np.testing.assert_allclose(corr(x[:, 0].numpy()), (y_norm * 1.8 - 0.4)[:, 0].numpy(),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        corr(x[:, 0].numpy()), (y_norm * 1.8 - 0.4)[:, 0].numpy(), rtol=1e-5, atol=1e-5
+    )
     assert json.loads((corr_path := tmp_path / "m" / "1" / "config.json").read_text())[
         "normalisation"
     ]["out_std"] == [pytest.approx(1.8)]

@@ -54,8 +54,9 @@ def test_policy_last_against_stopped_server(start_server):
 
 
 def test_breaker_stops_calling_a_dead_service(start_server):
-    client, x, _ = _stopped_after_one_call(start_server, degrade="zero", failure_threshold=2,
-                                           cooldown_s=30)  # fmt: skip
+    client, x, _ = _stopped_after_one_call(
+        start_server, degrade="zero", failure_threshold=2, cooldown_s=30
+    )
     client.correct(x)
     client.correct(x)  # breaker opens
     calls = client.calls
@@ -72,16 +73,19 @@ def test_caller_errors_are_never_degraded(start_server):
         with pytest.raises(RequestRejected, match="400"):
             client.correct(RNG.normal(size=(2, 35)))
         assert client.degraded_steps == 0
-        with CorrectionClient(server.url, "no-such-model", degrade="zero") as typo,\
-                pytest.raises(RequestRejected, match="404"):  # fmt: skip
+        with (
+            CorrectionClient(server.url, "no-such-model", degrade="zero") as typo,
+            pytest.raises(RequestRejected, match="404"),
+        ):
             typo.correct(RNG.normal(size=(2, 36)))
 
 
 def test_unloaded_model_degrades_and_degraded_steps_reach_the_server(start_server):
     server = start_server()
     x = RNG.normal(2.5, 3.6, (2, 36))
-    with CorrectionClient(server.url, "l96", degrade="last", retries=0,
-                          failure_threshold=100) as client:  # fmt: skip
+    with CorrectionClient(
+        server.url, "l96", degrade="last", retries=0, failure_threshold=100
+    ) as client:
         good = client.correct(x)
         client.unload_model()
         for _ in range(4):
@@ -132,8 +136,13 @@ class _FakeServer:
                         return
                     data += chunk
                 head, _, rest = data.partition(b"\r\n\r\n")
-                length = int(next(h.split(b":")[1] for h in head.split(b"\r\n")
-                                  if h.lower().startswith(b"content-length")))  # fmt: skip
+                length = int(
+                    next(
+                        h.split(b":")[1]
+                        for h in head.split(b"\r\n")
+                        if h.lower().startswith(b"content-length")
+                    )
+                )
                 while len(rest) < length:
                     rest += conn.recv(65536)
                 self.requests += 1
@@ -150,17 +159,26 @@ class _FakeServer:
 def _chunked_json(obj: bytes) -> bytes:
     half = len(obj) // 2
     body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (obj[:half], obj[half:]))
-    return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json"
-            b"\r\n\r\n" + body + b"0\r\n\r\n")  # fmt: skip
+    return (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json"
+        b"\r\n\r\n" + body + b"0\r\n\r\n"
+    )
 
 
 def test_timeouts_retries_and_chunked_responses():
     import json
 
     x = np.ones((1, 36))
-    answer = json.dumps({"model_name": "m", "model_version": "3", "parameters": {},
-                         "outputs": [{"name": "correction", "datatype": "FP64", "shape": [1, 36],
-                                      "data": [0.5] * 36}]}).encode()  # fmt: skip
+    answer = json.dumps(
+        {
+            "model_name": "m",
+            "model_version": "3",
+            "parameters": {},
+            "outputs": [
+                {"name": "correction", "datatype": "FP64", "shape": [1, 36], "data": [0.5] * 36}
+            ],
+        }
+    ).encode()
     busy = b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 17\r\n\r\n{"error": "busy"}'
     fake = _FakeServer([busy, _chunked_json(answer)])
     with CorrectionClient(fake.url, "m", retries=2, backoff=0.001) as client:
@@ -168,8 +186,9 @@ def test_timeouts_retries_and_chunked_responses():
         assert res.model_version == 3 and (res.correction == 0.5).all() and fake.requests == 2
     fake.close()
     slow = _FakeServer([None, None, None])
-    with CorrectionClient(slow.url, "m", timeout=0.2, retries=1, backoff=0.001,
-                          degrade="zero") as client:  # fmt: skip
+    with CorrectionClient(
+        slow.url, "m", timeout=0.2, retries=1, backoff=0.001, degrade="zero"
+    ) as client:
         t = time.perf_counter()
         assert not client.correct(x).any()
         assert 0.35 < time.perf_counter() - t < 2.0  # two attempts of 0.2 s, then degraded

@@ -10,8 +10,12 @@ import sys
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "mecs", "demo", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mecs", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"the report is {out / 'report.md'}" in proc.stdout
     report = (out / "report.md").read_text()
@@ -30,6 +34,10 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / "evaluation" / f"{png}.png").stat().st_size > 5000
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     # a second run reuses every finished stage
-    again = subprocess.run([sys.executable, "-m", "mecs", "demo", "--quick", "--out", str(out)],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "mecs", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and again.stdout.count("reusing") == 7

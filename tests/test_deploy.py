@@ -128,10 +128,22 @@ def test_the_compose_cli_accepts_the_file_where_one_is_installed(tmp_path):
     else:
         pytest.skip("no compose CLI here; the schema test covers the file")
     proc = subprocess.run(
-        [*cli, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "--profile", "*",
-         "config", "--quiet"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
-    )  # fmt: skip
+        [
+            *cli,
+            "-f",
+            str(COMPOSE),
+            "--env-file",
+            str(ENV_EXAMPLE),
+            "--profile",
+            "*",
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -257,14 +269,18 @@ def test_unknown_or_bad_settings_are_reported():
 
 
 def test_settings_check_command(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "mecs.settings", "--check", str(ENV_EXAMPLE)],
-                        capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [sys.executable, "-m", "mecs.settings", "--check", str(ENV_EXAMPLE)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert f"{len(env_names())} MECS_* settings" in ok.stdout
     bad = tmp_path / ".env"
     bad.write_text("MECS_PORT=8000\nMECS_NOT_A_SETTING=1\n")
-    proc = subprocess.run([sys.executable, "-m", "mecs.settings", "--check", str(bad)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mecs.settings", "--check", str(bad)], capture_output=True, text=True
+    )
     assert proc.returncode == 1 and "MECS_NOT_A_SETTING: unknown setting" in proc.stderr
 
 
@@ -323,8 +339,9 @@ def test_readme_settings_table_is_the_models():
 
 
 def hadolint() -> str:
-    exe = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}"
-                                         f"{os.environ.get('PATH', '')}")  # fmt: skip
+    exe = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     assert exe, "hadolint is missing: install the dev extra (pip install -e '.[dev]')"
     return exe
 
@@ -332,8 +349,10 @@ def hadolint() -> str:
 def test_dockerfile_lints_clean_with_hadolint():
     proc = subprocess.run(
         [hadolint(), "--config", str(HADOLINT_CONFIG), str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
     config = yaml.safe_load(HADOLINT_CONFIG.read_text())
     assert config["failure-threshold"] == "style"
@@ -346,8 +365,9 @@ def test_dockerfile_lints_clean_with_hadolint():
 def test_hadolint_is_live(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install requests\n")
-    proc = subprocess.run([hadolint(), "--config", str(HADOLINT_CONFIG), str(bad)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [hadolint(), "--config", str(HADOLINT_CONFIG), str(bad)], capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "DL3007" in proc.stdout and "DL3013" in proc.stdout
 
 
@@ -420,9 +440,15 @@ def test_build_context_has_the_sources_and_no_local_state():
             for source in sources:
                 assert dockerignore_allows(source.rstrip("/")), f"COPY {source} is ignored"
                 assert (ROOT / source).exists(), f"COPY {source}: no such path"
-    for private in (".env", "deploy/secrets/api_keys.json", ".venv/bin/python",
-                    "runs/demo/models", ".git/config", "tests/test_deploy.py",
-                    "mecs/__pycache__/cli.cpython-311.pyc"):  # fmt: skip
+    for private in (
+        ".env",
+        "deploy/secrets/api_keys.json",
+        ".venv/bin/python",
+        "runs/demo/models",
+        ".git/config",
+        "tests/test_deploy.py",
+        "mecs/__pycache__/cli.cpython-311.pyc",
+    ):
         assert not dockerignore_allows(private), f"{private} would be sent to the builder"
     assert dockerignore_allows("service/app.py") and dockerignore_allows("deploy/bin/mecs-every")
 
@@ -457,8 +483,10 @@ def test_every_repeats_and_stops_on_sigterm(tmp_path):
     marks = tmp_path / "runs"
     proc = subprocess.Popen(
         [str(EVERY), "0.2", "sh", "-c", f"echo run >> {marks}; exit 1"],
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (
         not marks.exists() or len(marks.read_text().split()) < 3

@@ -66,8 +66,14 @@ def test_evaluate_on_tiny_benchmark(tiny_synth, tmp_path):
     y = bench.truth_y.values.astype(np.float64)
     coupling = -(bench.config["h"] * bench.config["c"] / bench.config["b"]) * y.sum(-1)
     poly = PolynomialCorrection.fit(bench.truth_x[: len(coupling)], coupling)
-    metrics = evaluate(bench, {"cubic-of-truth": poly}, poly=poly, lead_max=2.0,
-                       free_run=5.0, keep_trajectories=True)  # fmt: skip
+    metrics = evaluate(
+        bench,
+        {"cubic-of-truth": poly},
+        poly=poly,
+        lead_max=2.0,
+        free_run=5.0,
+        keep_trajectories=True,
+    )
     f = metrics["forecasts"]
     assert set(f) == {"none", "poly3", "cubic-of-truth", "limit"}
     assert f["limit"]["rmse_at"]["1.0"] < f["none"]["rmse_at"]["1.0"]

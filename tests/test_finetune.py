@@ -57,8 +57,9 @@ def repository(tmp_path, analyses):
     model, config = make_l96_model(network="column-mlp")
     x = analyses
     model.set_normalisation([x.mean()], [x.std()], [0.0], [2.0])
-    config = artifacts.build_config(model, LAYOUT, {"hidden": 16, "depth": 3},
-                                    training={"stage": "pretrain"})  # fmt: skip
+    config = artifacts.build_config(
+        model, LAYOUT, {"hidden": 16, "depth": 3}, training={"stage": "pretrain"}
+    )
     artifacts.publish(tmp_path / "models", "l96", model, config)
     return tmp_path / "models"
 
@@ -67,8 +68,12 @@ def test_emulator_round_trip_and_accuracy(emulator_path, analyses):
     emu = Emulator.load(emulator_path)
     cfg = artifacts.read_config(emulator_path)
     assert cfg["kind"] == "emulator" and cfg["emulator"]["host"] == "l96"
-    assert {"one_step_rmse", "ten_step_rmse", "one_step_tangent_rel_err",
-            "ten_step_tangent_rel_err"} <= set(cfg["metrics"])  # fmt: skip
+    assert {
+        "one_step_rmse",
+        "ten_step_rmse",
+        "one_step_tangent_rel_err",
+        "ten_step_tangent_rel_err",
+    } <= set(cfg["metrics"])
     x = torch.from_numpy(analyses[:8])
     again = Emulator.load(emulator_path)
     torch.testing.assert_close(emu.step(x), again.step(x))
@@ -99,8 +104,9 @@ def test_each_mode_lowers_its_own_loss(mode, repository, analyses, emulator_path
     model, _ = artifacts.load(artifacts.resolve(repository, "l96").path)
     corrector = Corrector.load(repository, "l96")
     emu = Emulator.load(emulator_path)
-    unroller = Unroller(mode, model, corrector, host, 5, emu,
-                        Lorenz96() if mode == "differentiable" else None)  # fmt: skip
+    unroller = Unroller(
+        mode, model, corrector, host, 5, emu, Lorenz96() if mode == "differentiable" else None
+    )
     a = torch.from_numpy(analyses)
     starts = np.arange(0, 120, 4 if mode != "sip" else 30)  # sip's Jacobians cost more
     clim_var = float(a.var())
@@ -122,8 +128,15 @@ def test_each_mode_lowers_its_own_loss(mode, repository, analyses, emulator_path
 def test_black_box_host_cannot_silently_give_gradients(repository, analyses):
     """Differentiating through a black-box host fails loudly instead of training on zeros."""
     model, _ = artifacts.load(artifacts.resolve(repository, "l96").path)
-    unroller = Unroller("differentiable", model, Corrector.load(repository, "l96"),
-                        StrictHost(), 5, None, torch_host=Lorenz96())  # fmt: skip
+    unroller = Unroller(
+        "differentiable",
+        model,
+        Corrector.load(repository, "l96"),
+        StrictHost(),
+        5,
+        None,
+        torch_host=Lorenz96(),
+    )
     unroller.torch_host = BlackBoxHost.wrap(Lorenz96())
     x = torch.from_numpy(analyses[:4]).requires_grad_()
     with pytest.raises(HostGradientError):
@@ -133,11 +146,22 @@ def test_black_box_host_cannot_silently_give_gradients(repository, analyses):
 
 
 def test_finetune_publishes_version_with_lineage(repository, analyses, emulator_path):
-    cfg = FinetuneConfig(mode="hybrid", iterations=6, unroll=2, batch_size=8, val_every=3,
-                         val_windows=16)  # fmt: skip
+    cfg = FinetuneConfig(
+        mode="hybrid", iterations=6, unroll=2, batch_size=8, val_every=3, val_windows=16
+    )
     host = StrictHost()
-    result = finetune(repository, "l96", analyses, host, cfg, 5, train_end=200,
-                      emulator_path=emulator_path, data_ref="tiny", progress=False)  # fmt: skip
+    result = finetune(
+        repository,
+        "l96",
+        analyses,
+        host,
+        cfg,
+        5,
+        train_end=200,
+        emulator_path=emulator_path,
+        data_ref="tiny",
+        progress=False,
+    )
     assert result.version.version == 2 and host.grad_requests == 0
     config = artifacts.read_config(result.version.path)
     assert config["parent"] == {"name": "l96", "version": 1}

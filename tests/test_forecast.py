@@ -27,7 +27,7 @@ def analyses(tmp_path_factory):
         coords={
             "time": ("time", np.round(np.arange(31) * 0.05, 10), {"units": "1"}),
             "k": np.arange(1, 37),
-        },  # fmt: skip
+        },
         attrs={"test_start": 1.0},
     )
     path = tmp_path_factory.mktemp("fc") / "analyses.zarr"
@@ -36,18 +36,38 @@ def analyses(tmp_path_factory):
 
 
 def _cli(analyses, out, *source, steps=30, members=4, extra=()):
-    args = ["forecast", "--host", "l96", "--init", str(analyses), "--steps", str(steps),
-            "--members", str(members), "--model", "l96", "--out", str(out), "--no-progress",
-            *source, *extra]  # fmt: skip
+    args = [
+        "forecast",
+        "--host",
+        "l96",
+        "--init",
+        str(analyses),
+        "--steps",
+        str(steps),
+        "--members",
+        str(members),
+        "--model",
+        "l96",
+        "--out",
+        str(out),
+        "--no-progress",
+        *source,
+        *extra,
+    ]
     return main(args)
 
 
-def test_service_run_equals_in_process_run(start_server, l96_repository, analyses, tmp_path,
-                                           capsys):  # fmt: skip
+def test_service_run_equals_in_process_run(
+    start_server, l96_repository, analyses, tmp_path, capsys
+):
     server = start_server()
     assert _cli(analyses, tmp_path / "local.zarr", "--repository", str(l96_repository)) == 0
-    assert _cli(analyses, tmp_path / "svc.zarr", "--service", server.url,
-                extra=["--output-every", "1"]) == 0  # fmt: skip
+    assert (
+        _cli(
+            analyses, tmp_path / "svc.zarr", "--service", server.url, extra=["--output-every", "1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "correction latency p50" in out and "degraded steps 0" in out
     local, svc = open_zarr(tmp_path / "local.zarr"), open_zarr(tmp_path / "svc.zarr")

@@ -78,8 +78,9 @@ def test_two_scale_tendency_matches_formula(params):
     np.testing.assert_allclose(got[: model.K], dx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got[model.K :], dy.reshape(-1), rtol=1e-12, atol=1e-12)
     xs, ys = model.split(model.join(x, y))
-    np.testing.assert_allclose(model.coupling(ys).numpy(), -(model.h * model.c / model.b)
-                               * y.sum(-1))  # fmt: skip
+    np.testing.assert_allclose(
+        model.coupling(ys).numpy(), -(model.h * model.c / model.b) * y.sum(-1)
+    )
     np.testing.assert_array_equal(xs.numpy(), x)
 
 

@@ -62,9 +62,10 @@ def make_archive(n_times=16, init_every=2, leads_h=(0, 6, 12), nlev=3, nlat=4, n
     n_ext = n_times + max(leads_h) // 6
     times = np.datetime64("2021-01-01T00", "ns") + np.arange(n_ext) * step
     level = xr.DataArray(
-        np.array([850.0, 500.0, 250.0][:nlev]), dims="isobaric",
+        np.array([850.0, 500.0, 250.0][:nlev]),
+        dims="isobaric",
         attrs={"units": "hPa", "positive": "down", "long_name": "pressure"},
-    )  # fmt: skip
+    )
     coords = {
         "isobaric": level,
         "lat": ("lat", np.linspace(-30, 30, nlat), {"units": "degrees_north"}),
@@ -78,10 +79,12 @@ def make_archive(n_times=16, init_every=2, leads_h=(0, 6, 12), nlev=3, nlat=4, n
     units = {"T": "K", "q": "kg kg-1", "ps": "Pa"}
     grid = {"T": ("isobaric", "lat", "lon"), "q": ("isobaric", "lat", "lon"), "ps": ("lat", "lon")}
     ana = xr.Dataset(
-        {f: (("time", *grid[f]), truth[f][:n_times].astype(np.float32), {"units": units[f]})
-         for f in truth},
+        {
+            f: (("time", *grid[f]), truth[f][:n_times].astype(np.float32), {"units": units[f]})
+            for f in truth
+        },
         coords={**coords, "time": times[:n_times]},
-    )  # fmt: skip
+    )
     init_idx = np.arange(0, n_times, init_every)
     lead_steps = np.array(leads_h) // 6
     fc_vars = {}
@@ -89,8 +92,11 @@ def make_archive(n_times=16, init_every=2, leads_h=(0, 6, 12), nlev=3, nlat=4, n
         vals = truth[f][init_idx[:, None] + lead_steps[None, :]].copy()
         drift = {"T": -0.1, "q": 0.0, "ps": 2.0}[f] * np.array(leads_h, dtype=float)
         vals += drift.reshape(1, -1, *([1] * (vals.ndim - 2)))
-        fc_vars[f] = (("init_time", "lead_time", *grid[f]), vals.astype(np.float32),
-                      {"units": units[f]})  # fmt: skip
+        fc_vars[f] = (
+            ("init_time", "lead_time", *grid[f]),
+            vals.astype(np.float32),
+            {"units": units[f]},
+        )
     fc = xr.Dataset(
         fc_vars,
         coords={
@@ -204,8 +210,9 @@ def test_numpy_and_dask_inputs_give_identical_stores(tiny_synth, tmp_path):
     assert isinstance(lazy[1]["X"].data, dask.array.Array)
     assert not isinstance(eager[1]["X"].data, dask.array.Array)
     r1 = build_increments(*eager, 0.05, tmp_path / "np.zarr", chunk_samples=50, scheduler="sync")
-    r2 = build_increments(*lazy, 0.05, tmp_path / "dask.zarr", chunk_samples=50,
-                          scheduler="threads")  # fmt: skip
+    r2 = build_increments(
+        *lazy, 0.05, tmp_path / "dask.zarr", chunk_samples=50, scheduler="threads"
+    )
     assert r1.content_hash == r2.content_hash
     assert _tree_digest(tmp_path / "np.zarr") == _tree_digest(tmp_path / "dask.zarr")
     # the content hash does not depend on chunking; the layout does
@@ -262,10 +269,18 @@ def test_distributed_local_cluster(tiny_synth, tmp_path, l96_store):
     from distributed import LocalCluster
 
     ana, fc = _l96(tiny_synth)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=40) as cluster:  # fmt: skip
-        report = build_increments(ana, fc, 0.05, tmp_path / "d.zarr", chunk_samples=32,
-                                  scheduler=cluster.scheduler_address, progress=True)  # fmt: skip
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+    ) as cluster:
+        report = build_increments(
+            ana,
+            fc,
+            0.05,
+            tmp_path / "d.zarr",
+            chunk_samples=32,
+            scheduler=cluster.scheduler_address,
+            progress=True,
+        )
     assert report.content_hash == l96_store[1].content_hash
     assert _tree_digest(tmp_path / "d.zarr") == _tree_digest(l96_store[0])
 
@@ -300,8 +315,9 @@ def test_kill_and_rerun(tiny_synth, tmp_path, l96_store):
 
 def test_state_from_lead_zero_forecast(tiny_synth, tmp_path, l96_store):
     ana, fc = _l96(tiny_synth)
-    build_increments(ana, fc, 0.05, tmp_path / "f.zarr", chunk_samples=32, scheduler="sync",
-                     state="forecast")  # fmt: skip
+    build_increments(
+        ana, fc, 0.05, tmp_path / "f.zarr", chunk_samples=32, scheduler="sync", state="forecast"
+    )
     a, b = open_increments(tmp_path / "f.zarr"), open_increments(l96_store[0])
     assert a.attrs["state_source"] == "forecast-lead-0"
     # the synthetic archive's lead 0 is the analysis itself
@@ -313,8 +329,15 @@ def test_state_from_lead_zero_forecast(tiny_synth, tmp_path, l96_store):
 
 def test_netcdf_archive_with_levels_and_datetimes(archive_nc, tmp_path):
     ana, fc = str(archive_nc / "ana_*.nc"), str(archive_nc / "forecasts.nc")
-    report = build_increments(ana, fc, "6h", tmp_path / "a.zarr", split="0.5:0.25:0.25",
-                              scheduler="threads", chunk_samples=2)  # fmt: skip
+    report = build_increments(
+        ana,
+        fc,
+        "6h",
+        tmp_path / "a.zarr",
+        split="0.5:0.25:0.25",
+        scheduler="threads",
+        chunk_samples=2,
+    )
     ds = open_increments(tmp_path / "a.zarr")
     assert json.loads(ds.attrs["fields"]) == ["T", "q", "ps"]
     assert ds["state_T"].dims == ("sample", "isobaric", "lat", "lon")
@@ -322,11 +345,14 @@ def test_netcdf_archive_with_levels_and_datetimes(archive_nc, tmp_path):
     assert ds["target_T"].attrs["units"] == "K per hour"
     assert ds["increment_q"].attrs["units"] == "kg kg-1"
     assert (ds.attrs["window"], ds.attrs["window_iso"], ds.attrs["window_units"]) == (
-        6.0, "PT6H", "hours",
-    )  # fmt: skip
+        6.0,
+        "PT6H",
+        "hours",
+    )
     assert np.issubdtype(ds["init_time"].dtype, np.datetime64)
-    np.testing.assert_array_equal(ds["valid_time"].values - ds["init_time"].values,
-                                  np.timedelta64(6, "h"))  # fmt: skip
+    np.testing.assert_array_equal(
+        ds["valid_time"].values - ds["init_time"].values, np.timedelta64(6, "h")
+    )
     # forecasts drift by -0.1 K per hour and by +2 Pa per hour
     np.testing.assert_allclose(ds["target_T"].values, 0.1, atol=2e-3)
     np.testing.assert_allclose(ds["target_ps"].values, -2.0, atol=2e-2)
@@ -335,8 +361,9 @@ def test_netcdf_archive_with_levels_and_datetimes(archive_nc, tmp_path):
     assert np.shape(stats["fields"]["T"]["state"]["mean"]) == (3,)
     assert isinstance(stats["fields"]["ps"]["target"]["std"], float)
     t = ds["state_T"].values[np.asarray(ds["split"].values).astype(str) == "train"]
-    np.testing.assert_allclose(stats["fields"]["T"]["state"]["mean"], t.mean(axis=(0, 2, 3)),
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        stats["fields"]["T"]["state"]["mean"], t.mean(axis=(0, 2, 3)), rtol=1e-6
+    )
     splits = json.loads(ds.attrs["splits"])
     assert splits["train"]["start"] == "2021-01-01T00:00:00"
     # init times every 12 h over 3.5 days (16 analyses): the last forecast's valid time
@@ -347,8 +374,9 @@ def test_netcdf_archive_with_levels_and_datetimes(archive_nc, tmp_path):
 def test_time_range_splits_with_dates(archive_nc, tmp_path):
     ana, fc = str(archive_nc / "ana_*.nc"), str(archive_nc / "forecasts.nc")
     spec = "train=2021-01-01:2021-01-02T12:00,val=2021-01-03T00:00:2021-01-03T00:00"
-    report = build_increments(ana, fc, "6h", tmp_path / "r.zarr", split=spec,
-                              variables="ps", scheduler="sync")  # fmt: skip
+    report = build_increments(
+        ana, fc, "6h", tmp_path / "r.zarr", split=spec, variables="ps", scheduler="sync"
+    )
     assert report.splits["train"]["n_samples"] == 4 and report.splits["val"]["n_samples"] == 1
     assert report.n_dropped_in_gaps == 3 and "test" not in report.splits
 
@@ -367,8 +395,9 @@ def _bad_inputs(case):
     elif case == "non-monotonic":
         ana = ana.isel(time=[0, 2, 1, *range(3, 12)])
     elif case == "duplicate":
-        ana = ana.assign_coords(time=np.concatenate([ana["time"].values[:3],
-                                                     ana["time"].values[2:-1]]))  # fmt: skip
+        ana = ana.assign_coords(
+            time=np.concatenate([ana["time"].values[:3], ana["time"].values[2:-1]])
+        )
     elif case == "nan":
         ana["q"][7, 1, 2, 3] = np.nan
     elif case == "forecast nan":
@@ -407,8 +436,7 @@ def test_bad_inputs_are_rejected_before_any_write(tmp_path, case, message):
 def test_missing_analyses_skip_or_error(tmp_path):
     ana, fc = make_archive(n_times=16)
     holed = ana.drop_isel(time=[5, 9])  # valid times of two forecasts (and a state)
-    report = build_increments(holed, fc, "6h", tmp_path / "s.zarr", scheduler="sync",
-                              split="1")  # fmt: skip
+    report = build_increments(holed, fc, "6h", tmp_path / "s.zarr", scheduler="sync", split="1")
     assert report.n_skipped_missing_analysis == 2 and report.n_outside_analysis_period == 0
     assert report.n_samples == 6 and report.n_dropped_in_gaps == 0
     with pytest.raises(InputError, match=r"2 forecast\(s\) have no analysis .* 2021-01-02T06:00"):
@@ -456,8 +484,9 @@ def test_fsspec_urls(tiny_synth, l96_store):
     """Inputs and output through fsspec URLs (here the in-memory file system)."""
     ana, fc = _l96(tiny_synth)
     for path in (ana, fc):
-        open_zarr(path).to_zarr(f"memory://increments-in/{path.name}", zarr_format=3,
-                                consolidated=True)  # fmt: skip
+        open_zarr(path).to_zarr(
+            f"memory://increments-in/{path.name}", zarr_format=3, consolidated=True
+        )
     ana, fc = (
         "memory://increments-in/analyses.zarr",
         "memory://increments-in/forecasts_archive.zarr",
@@ -495,8 +524,9 @@ def time_grids(draw):
     full = np.arange(n) * step + draw(st.integers(-5, 5))
     keep = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
     ana = full[keep] if keep.sum() >= 1 else full[:1]
-    init = np.unique(np.array(draw(st.lists(st.integers(-10, n * step + 10), min_size=1,
-                                            max_size=30))))  # fmt: skip
+    init = np.unique(
+        np.array(draw(st.lists(st.integers(-10, n * step + 10), min_size=1, max_size=30)))
+    )
     window = step * draw(st.integers(1, 3))
     return ana.astype(float), init.astype(float), float(window)
 
@@ -550,12 +580,15 @@ def test_build_matches_brute_force(grids, chunk):
     """End to end on random time grids with gaps: every sample is what it should be."""
     ana_t, init_t, window = grids
     rng = np.random.default_rng(len(ana_t) * 1000 + len(init_t))
-    ana = xr.Dataset({"u": (("time", "x"), rng.standard_normal((len(ana_t), 3)))},
-                     coords={"time": ana_t, "x": [0, 1, 2]})  # fmt: skip
+    ana = xr.Dataset(
+        {"u": (("time", "x"), rng.standard_normal((len(ana_t), 3)))},
+        coords={"time": ana_t, "x": [0, 1, 2]},
+    )
     leads = np.array([0.0, window, 2 * window])
-    fc = xr.Dataset({"u": (("init_time", "lead_time", "x"),
-                           rng.standard_normal((len(init_t), 3, 3)))},
-                    coords={"init_time": init_t, "lead_time": leads, "x": [0, 1, 2]})  # fmt: skip
+    fc = xr.Dataset(
+        {"u": (("init_time", "lead_time", "x"), rng.standard_normal((len(init_t), 3, 3)))},
+        coords={"init_time": init_t, "lead_time": leads, "x": [0, 1, 2]},
+    )
     expected = {}
     have = {t: i for i, t in enumerate(ana_t)}
     for i, t in enumerate(init_t):
@@ -594,8 +627,11 @@ def test_parse_split_forms():
     assert parse_split("0.7:0.15:0.15") == ("fractions", (0.7, 0.15, 0.15))
     assert parse_split(None) == ("fractions", (0.7, 0.15, 0.15))
     assert parse_split("train=0:700,val=710:850")[1] == {"train": "0:700", "val": "710:850"}
-    for bad, message in [("0.7:0.5", "add up"), ("bogus=1:2", "NAME=START:END"),
-                         ("a:b", "neither fractions")]:  # fmt: skip
+    for bad, message in [
+        ("0.7:0.5", "add up"),
+        ("bogus=1:2", "NAME=START:END"),
+        ("a:b", "neither fractions"),
+    ]:
         with pytest.raises(InputError, match=message):
             parse_split(bad)
     with pytest.raises(InputError, match="overlap"):
@@ -608,9 +644,23 @@ def test_parse_split_forms():
 def test_cli_builds_and_reports(tiny_synth, tmp_path, capsys, l96_store):
     ana, fc = _l96(tiny_synth)
     out = tmp_path / "cli.zarr"
-    code = main(["increments", "--analyses", str(ana), "--forecasts", str(fc),
-                 "--window", "0.05", "--out", str(out), "--chunk-samples", "32",
-                 "--scheduler", "sync"])  # fmt: skip
+    code = main(
+        [
+            "increments",
+            "--analyses",
+            str(ana),
+            "--forecasts",
+            str(fc),
+            "--window",
+            "0.05",
+            "--out",
+            str(out),
+            "--chunk-samples",
+            "32",
+            "--scheduler",
+            "sync",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0
     assert str(out.absolute()) in printed.out and "samples" in printed.out
@@ -631,17 +681,39 @@ def test_cli_builds_and_reports(tiny_synth, tmp_path, capsys, l96_store):
 def test_cli_bad_inputs(tiny_synth, tmp_path, capsys, extra, message):
     ana, fc = _l96(tiny_synth)
     out = tmp_path / "bad.zarr"
-    code = main(["increments", "--analyses", str(ana), "--forecasts", str(fc),
-                 "--out", str(out), "--scheduler", "sync", *extra])  # fmt: skip
+    code = main(
+        [
+            "increments",
+            "--analyses",
+            str(ana),
+            "--forecasts",
+            str(fc),
+            "--out",
+            str(out),
+            "--scheduler",
+            "sync",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     _nothing_written(tmp_path)
 
 
 def test_cli_missing_input_file(tmp_path, capsys):
-    code = main(["increments", "--analyses", str(tmp_path / "none.nc"),
-                 "--forecasts", str(tmp_path / "none.zarr"), "--window", "1",
-                 "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "increments",
+            "--analyses",
+            str(tmp_path / "none.nc"),
+            "--forecasts",
+            str(tmp_path / "none.zarr"),
+            "--window",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot open analyses" in err and "\n" not in err
     _nothing_written(tmp_path)
@@ -663,10 +735,25 @@ def test_cli_default_local_cluster(tiny_synth, tmp_path):
     out = tmp_path / "lc.zarr"
     env = {**os.environ, "TERM": "dumb"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mecs", "increments", "--analyses", str(ana), "--forecasts",
-         str(fc), "--window", "0.05", "--out", str(out)],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mecs",
+            "increments",
+            "--analyses",
+            str(ana),
+            "--forecasts",
+            str(fc),
+            "--window",
+            "0.05",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Completed" in proc.stderr or "%" in proc.stderr
     verify_increments(out)

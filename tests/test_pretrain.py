@@ -19,8 +19,12 @@ from correction.training.data import BatchStream, IncrementSource
 from correction.training.pretrain import PretrainConfig, pretrain
 from mecs.cli import main
 
-FAST = {"params": {"hidden": 16, "depth": 2}, "max_epochs": 4, "batch_size": 64,
-        "early_stopping": 10}  # fmt: skip
+FAST = {
+    "params": {"hidden": 16, "depth": 2},
+    "max_epochs": 4,
+    "batch_size": 64,
+    "early_stopping": 10,
+}
 
 
 def _weights(path):
@@ -74,8 +78,9 @@ def test_pretrain_is_deterministic(tiny_increments, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted(tiny_increments, tmp_path):
     cfg = PretrainConfig.from_dict(FAST)
     full = pretrain(tiny_increments, tmp_path / "full", "m", cfg, progress=False)
-    stopped = pretrain(tiny_increments, tmp_path / "res", "m", cfg, progress=False,
-                       stop_after_epochs=2)  # fmt: skip
+    stopped = pretrain(
+        tiny_increments, tmp_path / "res", "m", cfg, progress=False, stop_after_epochs=2
+    )
     assert stopped is None and not (tmp_path / "res" / "m" / "1").exists()
     resumed = pretrain(tiny_increments, tmp_path / "res", "m", cfg, progress=False)
     assert resumed.resumed_from == 2
@@ -88,9 +93,21 @@ def test_killed_process_resumes(tiny_increments, tmp_path):
     """SIGKILL a real `mecs pretrain` after its first checkpoint, rerun, compare."""
     settings = tmp_path / "pre.json"
     settings.write_text(json.dumps({**FAST, "max_epochs": 8}))
-    cmd = [sys.executable, "-m", "mecs", "pretrain", "--data", str(tiny_increments),
-           "--repository", str(tmp_path / "models"), "--name", "m", "--config", str(settings),
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mecs",
+        "pretrain",
+        "--data",
+        str(tiny_increments),
+        "--repository",
+        str(tmp_path / "models"),
+        "--name",
+        "m",
+        "--config",
+        str(settings),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -105,8 +122,13 @@ def test_killed_process_resumes(tiny_increments, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resumed from the checkpoint" in done.stdout
-    ref = pretrain(tiny_increments, tmp_path / "ref", "m",
-                   PretrainConfig.from_dict({**FAST, "max_epochs": 8}), progress=False)  # fmt: skip
+    ref = pretrain(
+        tiny_increments,
+        tmp_path / "ref",
+        "m",
+        PretrainConfig.from_dict({**FAST, "max_epochs": 8}),
+        progress=False,
+    )
     wa, wb = _weights(ref.version.path), _weights(tmp_path / "models" / "m" / "1")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
@@ -120,8 +142,16 @@ def test_killed_process_resumes(tiny_increments, tmp_path):
     ],
 )
 def test_pretrain_cli_errors(tiny_increments, tmp_path, capsys, args, message):
-    code = main(["pretrain", "--data", str(tiny_increments), "--repository",
-                 str(tmp_path / "models"), *args])  # fmt: skip
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(tiny_increments),
+            "--repository",
+            str(tmp_path / "models"),
+            *args,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     assert not (tmp_path / "models").exists()

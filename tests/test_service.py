@@ -52,8 +52,10 @@ def infer(client, x, binary=True, path=INFER, **kw):
 
 def test_server_metadata_health_and_docs(client):
     assert client.get("/v2").json()["extensions"] == [
-        "binary_tensor_data", "model_repository", "mecs_guardrails",
-    ]  # fmt: skip
+        "binary_tensor_data",
+        "model_repository",
+        "mecs_guardrails",
+    ]
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").json() == {"ready": True}
     spec = client.get("/openapi.json").json()
@@ -98,8 +100,9 @@ def test_binary_output_variants(client):
     header, arrays = decode_infer_response(r.content, r.headers[HEADER_LENGTH])
     assert header["outputs"][0]["parameters"]["binary_data_size"] == x.nbytes
     # JSON in, nested data (row-major lists) accepted
-    payload = {"inputs": [{"name": "state", "datatype": "FP32", "shape": [2, 36],
-                           "data": x.tolist()}]}  # fmt: skip
+    payload = {
+        "inputs": [{"name": "state", "datatype": "FP32", "shape": [2, 36], "data": x.tolist()}]
+    }
     out = client.post(INFER, json=payload).json()["outputs"][0]
     np.testing.assert_allclose(np.reshape(out["data"], (2, 36)), arrays["correction"], rtol=1e-6)
 
@@ -109,8 +112,9 @@ def _keys_app(l96_repository, tmp_path, **extra):
     digest = hashlib.sha256(b"hashed-admin").hexdigest()
     keys.write_text(json.dumps({"admin": [f"sha256:{digest}"]}))
     keys.chmod(0o600)
-    settings = service_settings(l96_repository, inference_keys=["inf-key"], admin_keys=["adm"],
-                                api_keys_file=keys, **extra)  # fmt: skip
+    settings = service_settings(
+        l96_repository, inference_keys=["inf-key"], admin_keys=["adm"], api_keys_file=keys, **extra
+    )
     return create_app(settings)
 
 
@@ -160,8 +164,17 @@ def _binary(header: dict, payload: bytes) -> tuple[bytes, dict]:
 
 def _state_json(shape=(1, 36), datatype="FP32", data=None, **kw):
     n = int(np.prod(shape))
-    return {"inputs": [{"name": "state", "shape": list(shape), "datatype": datatype,
-                        "data": data if data is not None else [1.0] * n, **kw}]}  # fmt: skip
+    return {
+        "inputs": [
+            {
+                "name": "state",
+                "shape": list(shape),
+                "datatype": datatype,
+                "data": data if data is not None else [1.0] * n,
+                **kw,
+            }
+        ]
+    }
 
 
 GOOD = np.ones((1, 36), "<f4").tobytes()
@@ -177,21 +190,70 @@ BAD_INPUTS = [
     ("no inputs", {"inputs": []}, 400, "non-empty list"),
     ("not a map", [1, 2], 400, "JSON object"),
     ("negative dim", _state_json((-1, 36)), 400, "non-negative integer"),
-    ("input name", {"inputs": [{"name": "x", "shape": [1, 36], "datatype": "FP32",
-                                "data": [1.0] * 36}]}, 400, "unknown input 'x'"),  # fmt: skip
+    (
+        "input name",
+        {"inputs": [{"name": "x", "shape": [1, 36], "datatype": "FP32", "data": [1.0] * 36}]},
+        400,
+        "unknown input 'x'",
+    ),
     ("output name", _state_json() | {"outputs": [{"name": "y"}]}, 400, "unknown output 'y'"),
     ("dt", _state_json() | {"parameters": {"dt": -1}}, 400, "'dt' must be a positive"),
     ("id", _state_json() | {"id": 7}, 400, "'id' must be a string"),
-    ("binary size", _binary({"inputs": [{"name": "state", "shape": [1, 36], "datatype": "FP32",
-                                         "parameters": {"binary_data_size": 100}}]}, GOOD),
-     400, "binary_data_size is 100"),  # fmt: skip
-    ("extra bytes", _binary({"inputs": [{"name": "state", "shape": [1, 36], "datatype": "FP32",
-                                         "parameters": {"binary_data_size": 144}}]}, GOOD + b"x"),
-     400, "belong to no input"),  # fmt: skip
-    ("binary inf", _binary({"inputs": [{"name": "state", "shape": [1, 36], "datatype": "FP32",
-                                        "parameters": {"binary_data_size": 144}}]},
-                           np.full((1, 36), np.inf, "<f4").tobytes()), 400, "NaN or Inf"),
-]  # fmt: skip
+    (
+        "binary size",
+        _binary(
+            {
+                "inputs": [
+                    {
+                        "name": "state",
+                        "shape": [1, 36],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 100},
+                    }
+                ]
+            },
+            GOOD,
+        ),
+        400,
+        "binary_data_size is 100",
+    ),
+    (
+        "extra bytes",
+        _binary(
+            {
+                "inputs": [
+                    {
+                        "name": "state",
+                        "shape": [1, 36],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 144},
+                    }
+                ]
+            },
+            GOOD + b"x",
+        ),
+        400,
+        "belong to no input",
+    ),
+    (
+        "binary inf",
+        _binary(
+            {
+                "inputs": [
+                    {
+                        "name": "state",
+                        "shape": [1, 36],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 144},
+                    }
+                ]
+            },
+            np.full((1, 36), np.inf, "<f4").tobytes(),
+        ),
+        400,
+        "NaN or Inf",
+    ),
+]
 
 
 @pytest.mark.parametrize("case, body, status, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -256,8 +318,10 @@ def test_repository_index_load_unload_and_pin(client, l96_repository):
     assert client.get("/v2/health/ready").status_code == 503
     publish(l96_repository, "l96", *make_l96_model(seed=7))
     assert client.post("/v2/repository/models/l96/load").json() == {
-        "name": "l96", "version": "2", "pinned": False,
-    }  # fmt: skip
+        "name": "l96",
+        "version": "2",
+        "pinned": False,
+    }
     v2 = Corrector.load(l96_repository, "l96", 2)
     header, y = infer(client, x)
     assert header["model_version"] == "2"
@@ -265,8 +329,7 @@ def test_repository_index_load_unload_and_pin(client, l96_repository):
     # an older version on request, loaded on demand, while the default stays 2
     header, y = infer(client, x, path="/v2/models/l96/versions/1/infer")
     assert header["model_version"] == "1"
-    np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96", 1)(x), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96", 1)(x), rtol=1e-5, atol=1e-6)
     # rollback: pin version 1 as the default
     r = client.post("/v2/repository/models/l96/load", json={"parameters": {"version": "1"}})
     assert r.json() == {"name": "l96", "version": "1", "pinned": True}
@@ -472,8 +535,9 @@ def test_other_networks_and_forcings_inputs(l96_repository):
     x, f = states(3, np.float32), RNG.normal(size=(3, 2)).astype(np.float32)
     with TestClient(create_app(service_settings(l96_repository))) as c:
         _, y = infer(c, x, path="/v2/models/mlp/infer")
-        np.testing.assert_allclose(y, Corrector.load(l96_repository, "mlp")(x), rtol=1e-4,
-                                   atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            y, Corrector.load(l96_repository, "mlp")(x), rtol=1e-4, atol=1e-5
+        )
         meta = c.get("/v2/models/forced").json()
         assert [i["name"] for i in meta["inputs"]] == ["state", "forcings"]
         body, headers = encode_infer_request({"state": x, "forcings": f})

@@ -36,8 +36,9 @@ FUZZ = settings(
 def client(tmp_path_factory):
     repo = tmp_path_factory.mktemp("fuzz") / "models"
     publish(repo, "l96", *make_l96_model())
-    app = create_app(service_settings(repo, inference_keys=["inf"], admin_keys=["adm"],
-                                      max_body_bytes=200_000))  # fmt: skip
+    app = create_app(
+        service_settings(repo, inference_keys=["inf"], admin_keys=["adm"], max_body_bytes=200_000)
+    )
     with TestClient(app, headers={"Authorization": "Bearer adm"}) as c:
         yield c
 
@@ -61,7 +62,7 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
-    ),  # fmt: skip
+    ),
     max_leaves=20,
 )
 numbers = st.one_of(
@@ -70,11 +71,13 @@ numbers = st.one_of(
     st.sampled_from([0.0, 1.0, -1e300, 1e-300]),
 )
 shapes = st.one_of(
-    st.just([1, 36]), st.just([2, 36]),
-    st.lists(st.one_of(st.integers(-3, 80), st.sampled_from([2**40, True, 1.5, "3", None])),
-             max_size=4),
+    st.just([1, 36]),
+    st.just([2, 36]),
+    st.lists(
+        st.one_of(st.integers(-3, 80), st.sampled_from([2**40, True, 1.5, "3", None])), max_size=4
+    ),
     json_values,
-)  # fmt: skip
+)
 datatypes = st.sampled_from(["FP32", "FP64", "FP16", "INT32", "BYTES", "", "fp32"]) | json_values
 
 
@@ -94,8 +97,9 @@ def tensor(draw):
     if draw(st.integers(0, 5)):
         t["data"] = data
     if draw(st.integers(0, 3)) == 0:
-        t["parameters"] = draw(st.dictionaries(st.sampled_from(["binary_data_size", "x"]),
-                                               json_values, max_size=2))  # fmt: skip
+        t["parameters"] = draw(
+            st.dictionaries(st.sampled_from(["binary_data_size", "x"]), json_values, max_size=2)
+        )
     return t
 
 
@@ -103,13 +107,26 @@ def tensor(draw):
 def infer_request(draw):
     body = {"inputs": draw(st.lists(tensor(), min_size=0, max_size=3))}
     if draw(st.booleans()):
-        body["parameters"] = draw(st.fixed_dictionaries(
-            {}, optional={"dt": json_values | numbers, "binary_data_output": json_values,
-                          "degraded_steps": json_values | st.integers()}))  # fmt: skip
+        body["parameters"] = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "dt": json_values | numbers,
+                    "binary_data_output": json_values,
+                    "degraded_steps": json_values | st.integers(),
+                },
+            )
+        )
     if draw(st.booleans()):
-        body["outputs"] = draw(st.lists(st.fixed_dictionaries(
-            {"name": st.sampled_from(["correction", "y"]) | json_values},
-            optional={"parameters": json_values}), max_size=2))  # fmt: skip
+        body["outputs"] = draw(
+            st.lists(
+                st.fixed_dictionaries(
+                    {"name": st.sampled_from(["correction", "y"]) | json_values},
+                    optional={"parameters": json_values},
+                ),
+                max_size=2,
+            )
+        )
     if draw(st.booleans()):
         body["id"] = draw(json_values)
     return body
@@ -131,11 +148,11 @@ def test_fuzz_infer_requests(client, body, version):
 @FUZZ
 @given(
     header=infer_request(),
-    payload=st.binary(max_size=600) | st.sampled_from([np.ones((1, 36), "<f4").tobytes(),
-                                                       np.ones((2, 36), "<f8").tobytes()]),
+    payload=st.binary(max_size=600)
+    | st.sampled_from([np.ones((1, 36), "<f4").tobytes(), np.ones((2, 36), "<f8").tobytes()]),
     hlen=st.one_of(st.none(), st.integers(-5, 2000).map(str), st.text(max_size=5)),
     sizes=st.lists(st.integers(-10, 700) | json_values, max_size=3),
-)  # fmt: skip
+)
 def test_fuzz_binary_extension(client, header, payload, hlen, sizes):
     for t, size in zip(header["inputs"], sizes, strict=False):
         t.setdefault("parameters", {})
@@ -151,17 +168,24 @@ def test_fuzz_binary_extension(client, header, payload, hlen, sizes):
 
 
 ROUTES = [
-    ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"),
-    ("GET", "/v2/models/{name}"), ("GET", "/v2/models/{name}/ready"),
+    ("GET", "/v2"),
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2/models/{name}"),
+    ("GET", "/v2/models/{name}/ready"),
     ("GET", "/v2/models/{name}/versions/{version}"),
     ("GET", "/v2/models/{name}/versions/{version}/ready"),
-    ("POST", "/v2/models/{name}/infer"), ("POST", "/v2/models/{name}/versions/{version}/infer"),
-    ("GET", "/v2/repository/index"), ("POST", "/v2/repository/index"),
-    ("POST", "/v2/repository/models/{name}/load"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-]  # fmt: skip
+    ("POST", "/v2/models/{name}/infer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer"),
+    ("GET", "/v2/repository/index"),
+    ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/{name}/load"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+]
 names = st.sampled_from(["l96", "nope", "..", "a.b", "x" * 130]) | st.text(
-    st.characters(blacklist_categories=["Cs"]), min_size=1,
-    max_size=12)  # fmt: skip
+    st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=12
+)
 
 
 @FUZZ
@@ -193,8 +217,11 @@ def test_fuzz_every_endpoint(client, route, method, name, version, body, auth, c
 def test_fuzz_left_the_service_healthy(client):
     """After all of the above, the model still answers correctly."""
     x = np.full((1, 36), 2.5, np.float32)
-    body = {"inputs": [{"name": "state", "shape": [1, 36], "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}  # fmt: skip
+    body = {
+        "inputs": [
+            {"name": "state", "shape": [1, 36], "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
     r = client.post("/v2/models/l96/infer", json=body)
     assert r.status_code == 200
     text = client.get("/metrics").text

@@ -30,8 +30,9 @@ def test_binary_and_json_over_http_equal_in_process(start_server, l96_repository
                 assert res.correction.dtype == dtype and res.model_version == 1
                 assert res.id == "abc" and res.out_of_distribution == [False] * 5
                 assert set(res.server_timing_ms) == {"read", "decode", "forward", "total"}
-                np.testing.assert_allclose(res.correction, corr(x.astype(dtype)), rtol=1e-4,
-                                           atol=1e-5)  # fmt: skip
+                np.testing.assert_allclose(
+                    res.correction, corr(x.astype(dtype)), rtol=1e-4, atol=1e-5
+                )
             single = client.correct(x[0])
             assert single.shape == (36,)
             np.testing.assert_allclose(single, corr(x[0]), rtol=1e-4, atol=1e-5)
@@ -52,10 +53,16 @@ def test_stock_protocol_client_bytes(start_server, l96_repository):
     server = start_server()
     x = RNG.normal(2.5, 3.6, (2, 36)).astype(np.float32)
     header = {
-        "inputs": [{"name": "state", "shape": [2, 36], "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes}}],
+        "inputs": [
+            {
+                "name": "state",
+                "shape": [2, 36],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ],
         "outputs": [{"name": "correction", "parameters": {"binary_data": True}}],
-    }  # fmt: skip
+    }
     text = json.dumps(header).encode()
     with httpx.Client(base_url=server.url) as http:
         r = http.post(
@@ -69,8 +76,9 @@ def test_stock_protocol_client_bytes(start_server, l96_repository):
         out = meta["outputs"][0]
         assert out["parameters"]["binary_data_size"] == x.nbytes and meta["model_version"] == "1"
         y = np.frombuffer(r.content[hlen:], "<f4").reshape(out["shape"])
-        np.testing.assert_allclose(y, Corrector.load(l96_repository, "l96")(x), rtol=1e-4,
-                                   atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            y, Corrector.load(l96_repository, "l96")(x), rtol=1e-4, atol=1e-5
+        )
         # the JSON flavour, no binary at all
         r = http.post(
             "/v2/models/l96/infer",
@@ -93,8 +101,10 @@ def test_stock_protocol_client_bytes(start_server, l96_repository):
 def test_auth_and_limits_over_http(start_server):
     server = start_server(inference_keys=["k-inf"], admin_keys=["k-adm"], max_body_bytes=4096)
     x = RNG.normal(2.5, 3.6, (1, 36))
-    with CorrectionClient(server.url, "l96") as anonymous, pytest.raises(RequestRejected,
-                                                                        match="401"):  # fmt: skip
+    with (
+        CorrectionClient(server.url, "l96") as anonymous,
+        pytest.raises(RequestRejected, match="401"),
+    ):
         anonymous.infer(x)
     with CorrectionClient(server.url, "l96", api_key="k-inf") as client:
         assert client.infer(x).model_version == 1
@@ -212,10 +222,22 @@ def test_mecs_serve_command_starts_and_stops(l96_repository, tmp_path):
     config = tmp_path / "serve.json"
     config.write_text(json.dumps({"batch_max_size": 4, "log_level": "warning"}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mecs", "serve", "--repository", str(l96_repository),
-         "--port", "0", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mecs",
+            "serve",
+            "--repository",
+            str(l96_repository),
+            "--port",
+            "0",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"on (http://\S+) ", line).group(1)

@@ -16,8 +16,13 @@ from data_pipeline.stores import open_zarr
 from data_pipeline.synth import generate
 from mecs.cli import main
 
-STORES = ["truth.zarr", "observations.zarr", "analyses.zarr", "forecasts_archive.zarr",
-          "forecasts.zarr"]  # fmt: skip
+STORES = [
+    "truth.zarr",
+    "observations.zarr",
+    "analyses.zarr",
+    "forecasts_archive.zarr",
+    "forecasts.zarr",
+]
 
 
 def _tree_digest(root):
@@ -45,8 +50,10 @@ def test_store_schema(tiny_synth, tiny_config):
     assert ana["X"].dims == ("time", "k") and "LETKF" in ana.attrs["analysis_method"]
     np.testing.assert_array_equal(ana["time"].values, truth["time"].values)
 
-    for name, lead_max in [("forecasts.zarr", cfg.forecast_lead_max),
-                           ("forecasts_archive.zarr", cfg.archive_lead_max)]:  # fmt: skip
+    for name, lead_max in [
+        ("forecasts.zarr", cfg.forecast_lead_max),
+        ("forecasts_archive.zarr", cfg.archive_lead_max),
+    ]:
         fc = open_zarr(tiny_synth / name)
         assert fc["X"].dims == ("init_time", "lead_time", "k")
         assert fc["lead_time"].values[-1] == pytest.approx(lead_max)
@@ -158,13 +165,25 @@ def test_cli_refuses_non_empty_output(tmp_path, capsys):
 def test_cli_console_script(tmp_path, tiny_config):
     """The installed entry point writes every store and says where."""
     cfg_file = tmp_path / "tiny.json"
-    cfg_file.write_text(json.dumps({k: v for k, v in tiny_config.to_dict().items()
-                                    if k != "preset"}))  # fmt: skip
+    cfg_file.write_text(
+        json.dumps({k: v for k, v in tiny_config.to_dict().items() if k != "preset"})
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "mecs", "synth", "--out", str(tmp_path / "b"),
-         "--config", str(cfg_file), "--no-progress"],  # fmt: skip
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mecs",
+            "synth",
+            "--out",
+            str(tmp_path / "b"),
+            "--config",
+            str(cfg_file),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert str((tmp_path / "b").resolve()) in proc.stdout
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted([*STORES, "config.json"])
@@ -174,6 +193,7 @@ def test_cli_console_script(tmp_path, tiny_config):
 @pytest.mark.parametrize("sigma, bound", [(0.1, 0.12), (0.5, 0.35)])
 def test_full_length_letkf_accuracy(tmp_path, sigma, bound):
     """The acceptance figure: ~1000 MTU of LETKF cycles on the default preset."""
-    result = generate(load_config(obs_sigma=sigma), tmp_path / "full", progress=False,
-                      log=lambda _: None)  # fmt: skip
+    result = generate(
+        load_config(obs_sigma=sigma), tmp_path / "full", progress=False, log=lambda _: None
+    )
     assert result.analysis_rmse <= bound

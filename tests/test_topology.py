@@ -248,9 +248,14 @@ class Role:
         self.log_path = logs / f"{name}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            argv, env=env, cwd=logs, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            argv,
+            env=env,
+            cwd=logs,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.pgid = self.proc.pid
 
     def log(self, tail: int = 3000) -> str:
@@ -308,8 +313,10 @@ def wait_for(what: str, check, timeout: float, role: Role | None = None, every: 
         if result:
             return result
         if role is not None and role.proc.poll() is not None:
-            raise AssertionError(f"{role.name} exited ({role.proc.returncode}) while waiting "
-                                 f"for {what}:\n{role.log()}")  # fmt: skip
+            raise AssertionError(
+                f"{role.name} exited ({role.proc.returncode}) while waiting "
+                f"for {what}:\n{role.log()}"
+            )
         if time.monotonic() > deadline:
             tail = f":\n{role.log()}" if role is not None else ""
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
@@ -352,8 +359,9 @@ def topology(tmp_path):
     inference_key, admin_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     keys_file = secrets_dir / "api_keys.json"
     digest = lambda k: "sha256:" + hashlib.sha256(k.encode()).hexdigest()  # noqa: E731
-    keys_file.write_text(json.dumps({"inference": [digest(inference_key)],
-                                     "admin": [digest(admin_key)]}))  # fmt: skip
+    keys_file.write_text(
+        json.dumps({"inference": [digest(inference_key)], "admin": [digest(admin_key)]})
+    )
     keys_file.chmod(0o600)
     api_port, scheduler_port = free_port(), free_port()
     variables = read_env_example()
@@ -390,8 +398,12 @@ def topology(tmp_path):
             "MECS_API_KEY": inference_key,
         }
     )
-    return {"vars": variables, "logs": tmp_path / "logs", "admin_key": admin_key,
-            "url": f"http://127.0.0.1:{api_port}"}  # fmt: skip
+    return {
+        "vars": variables,
+        "logs": tmp_path / "logs",
+        "admin_key": admin_key,
+        "url": f"http://127.0.0.1:{api_port}",
+    }
 
 
 def test_compose_topology_on_loopback(topology):
@@ -412,8 +424,12 @@ def test_compose_topology_on_loopback(topology):
 
     def job(name: str, timeout: float = 120.0) -> str:
         t = time.monotonic()
-        role = Role(name, service_argv(services[name], variables),
-                    service_env(services[name], variables), logs)  # fmt: skip
+        role = Role(
+            name,
+            service_argv(services[name], variables),
+            service_env(services[name], variables),
+            logs,
+        )
         rc = role.wait(timeout)
         timings[name] = time.monotonic() - t
         assert rc == 0, f"{name} exited with {rc}:\n{role.log()}"
@@ -436,8 +452,7 @@ def test_compose_topology_on_loopback(topology):
     try:
         # the default profile: the api, on an empty model repository
         api = start("api")
-        wait_for("the api to be live", lambda: http_get(f"{url}/v2/health/live")[0] == 200,
-                 60, api)  # fmt: skip
+        wait_for("the api to be live", lambda: http_get(f"{url}/v2/health/live")[0] == 200, 60, api)
         assert http_get(f"{url}/v2/health/ready")[0] == 503
         assert healthcheck("compose") != 0, "healthy without a model"
 
@@ -445,8 +460,7 @@ def test_compose_topology_on_loopback(topology):
         scheduler = start("scheduler")
         worker = start("worker")
         job("synth")
-        wait_for("the worker to register", lambda: "Registered to" in worker.log(10**6),
-                 60, worker)  # fmt: skip
+        wait_for("the worker to register", lambda: "Registered to" in worker.log(10**6), 60, worker)
         out = job("pipeline")
         assert "increments: wrote" in out, out
         assert "Receive client connection" in scheduler.log(10**6), "the pipeline bypassed dask"

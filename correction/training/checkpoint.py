@@ -29,8 +29,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for key, sd in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
-                  str(tmp / f"{key}.safetensors"))  # fmt: skip
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in sd.items()},
+            str(tmp / f"{key}.safetensors"),
+        )
     torch.save(states, tmp / "states.pt")
     (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
     old = directory.with_name(directory.name + ".old")

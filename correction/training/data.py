@@ -66,8 +66,12 @@ class IncrementSource:
         for f in self.layout.fields:
             s = self.stats["fields"][f]
             n = self.layout.n_levels(f)
-            for key, role, stat in [("im", "state", "mean"), ("is", "state", "std"),
-                                    ("om", "target", "mean"), ("os", "target", "std")]:  # fmt: skip
+            for key, role, stat in [
+                ("im", "state", "mean"),
+                ("is", "state", "std"),
+                ("om", "target", "mean"),
+                ("os", "target", "std"),
+            ]:
                 v = np.broadcast_to(np.asarray(s[role][stat], dtype=np.float64).ravel(), (n,))
                 parts[key].append(v)
         out = [np.concatenate(parts[k]) for k in ("im", "is", "om", "os")]
@@ -79,8 +83,11 @@ class IncrementSource:
     def arrays(self) -> dict[str, Any]:
         """The zarr arrays of every state and target field, opened once per source."""
         group = zarr.open_group(str(self.path), mode="r")
-        return {f"{role}_{f}": group[f"{role}_{f}"] for f in self.layout.fields
-                for role in ("state", "target")}  # fmt: skip
+        return {
+            f"{role}_{f}": group[f"{role}_{f}"]
+            for f in self.layout.fields
+            for role in ("state", "target")
+        }
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Packed (state, target) ``[n, C, *H]`` float32 for samples ``lo:hi``."""
@@ -90,8 +97,10 @@ class IncrementSource:
             n = self.layout.n_levels(f)
             xs.append(np.asarray(self.arrays[f"state_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
             ys.append(np.asarray(self.arrays[f"target_{f}"][lo:hi]).reshape(hi - lo, n, *hshape))
-        return (np.concatenate(xs, axis=1).astype(np.float32),
-                np.concatenate(ys, axis=1).astype(np.float32))  # fmt: skip
+        return (
+            np.concatenate(xs, axis=1).astype(np.float32),
+            np.concatenate(ys, axis=1).astype(np.float32),
+        )
 
     def read_indices(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples at sorted indices, read chunk by chunk."""
@@ -117,8 +126,9 @@ class BatchStream:
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.shuffle, self.buffer_chunks = shuffle, buffer_chunks
         idx = source.indices(split)
-        self.groups = [g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1)
-                       if len(g)]  # fmt: skip
+        self.groups = [
+            g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1) if len(g)
+        ]
         self.n_samples = len(idx)
 
     def __len__(self) -> int:
@@ -130,8 +140,10 @@ class BatchStream:
         order = list(order)
         carry_x = carry_y = None
         for start in range(0, len(order), self.buffer_chunks):
-            parts = [self.source.read_indices(self.groups[i])
-                     for i in order[start : start + self.buffer_chunks]]  # fmt: skip
+            parts = [
+                self.source.read_indices(self.groups[i])
+                for i in order[start : start + self.buffer_chunks]
+            ]
             x = np.concatenate([p[0] for p in parts])
             y = np.concatenate([p[1] for p in parts])
             if carry_x is not None:

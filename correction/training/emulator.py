@@ -88,9 +88,13 @@ def rollout_error(emulator: Emulator, host: HostModel, x0: np.ndarray, steps: in
 
 
 def tangent_error(
-    emulator: Emulator, host: HostModel, x0: np.ndarray, steps: int, seed: int = 0,
+    emulator: Emulator,
+    host: HostModel,
+    x0: np.ndarray,
+    steps: int,
+    seed: int = 0,
     eps: float = 1e-4,
-) -> float:  # fmt: skip
+) -> float:
     """Relative error of the emulator's tangent-linear model after ``steps`` steps.
 
     ``hybrid``, ``emulator`` and ``sip`` fine-tuning use the emulator for its
@@ -140,10 +144,12 @@ def train_emulator(
     n_val = max(len(x) // 10, 1)
     perm = rng.permutation(len(x))
     val, train = perm[:n_val], perm[n_val:]
-    model = CorrectionModel(cfg.network, cfg.params, layout.channels, layout.channels,
-                            len(layout.horizontal_dims))  # fmt: skip
-    model.set_normalisation([x[train].mean()], [x[train].std()],
-                            [target[train].mean()], [target[train].std()])  # fmt: skip
+    model = CorrectionModel(
+        cfg.network, cfg.params, layout.channels, layout.channels, len(layout.horizontal_dims)
+    )
+    model.set_normalisation(
+        [x[train].mean()], [x[train].std()], [target[train].mean()], [target[train].std()]
+    )
     pack = lambda a: layout.pack(torch.as_tensor(a, dtype=torch.float32))  # noqa: E731
     xt, yt = pack(x), pack(target)
     yn = (yt - model._expand(model.out_mean)) / model._expand(model.out_std)
@@ -179,9 +185,15 @@ def train_emulator(
         "ten_step_tangent_rel_err": tangent_error(emulator, black_box, x_eval[:64], 10),
         "host_one_step_change_rms": float(np.sqrt(np.mean((y - x) ** 2))),
     }
-    config.update(metrics=metrics, training={"settings": dataclasses.asdict(cfg),
-                                             "history": history, "n_states": len(x),
-                                             "wall_time_s": time.perf_counter() - t0})  # fmt: skip
+    config.update(
+        metrics=metrics,
+        training={
+            "settings": dataclasses.asdict(cfg),
+            "history": history,
+            "n_states": len(x),
+            "wall_time_s": time.perf_counter() - t0,
+        },
+    )
     return artifacts.save(out, model, config), metrics
 
 

@@ -280,8 +280,9 @@ def finetune(
     model.train()
     emulator = Emulator.load(emulator_path) if emulator_path else None
     black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
-    unroller = Unroller(cfg.mode, model, parent, black_box, steps_per_interval, emulator,
-                        torch_host)  # fmt: skip
+    unroller = Unroller(
+        cfg.mode, model, parent, black_box, steps_per_interval, emulator, torch_host
+    )
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     a = torch.from_numpy(np.asarray(analyses, dtype=np.float64))
@@ -310,8 +311,12 @@ def finetune(
     history = [{"iteration": 0, "val_loss": val_loss()}]
     best_val = history[0]["val_loss"]
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    bar = tqdm(range(1, cfg.iterations + 1), desc=f"finetune {cfg.mode}", disable=not progress,
-               mininterval=0.5)  # fmt: skip
+    bar = tqdm(
+        range(1, cfg.iterations + 1),
+        desc=f"finetune {cfg.mode}",
+        disable=not progress,
+        mininterval=0.5,
+    )
     for it in bar:
         n = cfg.unroll_at(it - 1)
         starts = rng.choice(_windows(len(a), 0, train_hi, n), cfg.batch_size)
@@ -324,8 +329,7 @@ def finetune(
         bar.set_postfix(loss=f"{loss.item():.4f}", unroll=n, refresh=False)
         if it % cfg.val_every == 0 or it == cfg.iterations:
             v = val_loss()
-            history.append({"iteration": it, "train_loss": loss.item(), "val_loss": v,
-                            "unroll": n})  # fmt: skip
+            history.append({"iteration": it, "train_loss": loss.item(), "val_loss": v, "unroll": n})
             if v < best_val:
                 best_val = v
                 best_state = {k: t.clone() for k, t in model.state_dict().items()}
@@ -346,9 +350,11 @@ def finetune(
         "pretraining": parent.config.get("training", {}).get("stage"),
     }
     config["parent"] = {"name": parent.name, "version": parent.version}
-    config["metrics"] = {"val_loss_a_posteriori": best_val,
-                         "val_loss_before": history[0]["val_loss"],
-                         "val_unroll": cfg.max_unroll}  # fmt: skip
+    config["metrics"] = {
+        "val_loss_a_posteriori": best_val,
+        "val_loss_before": history[0]["val_loss"],
+        "val_unroll": cfg.max_unroll,
+    }
     mv = artifacts.publish(repository, publish_as or name, model, config)
     return FinetuneResult(mv, history, best_val, host_calls, time.perf_counter() - t0)
 

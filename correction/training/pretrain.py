@@ -112,8 +112,9 @@ def pretrain(
     source = IncrementSource.open(data, cfg.fields)
     layout = source.layout
     torch.manual_seed(cfg.seed)
-    model = CorrectionModel(cfg.network, cfg.params, layout.channels, layout.channels,
-                            len(layout.horizontal_dims))  # fmt: skip
+    model = CorrectionModel(
+        cfg.network, cfg.params, layout.channels, layout.channels, len(layout.horizontal_dims)
+    )
     normalisation = source.normalisation()
     model.set_normalisation(*normalisation)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,8 +154,14 @@ def pretrain(
         model.train()
         torch.manual_seed(cfg.seed * 100003 + epoch)
         total, count, t_epoch = 0.0, 0, time.perf_counter()
-        bar = tqdm(train.epoch(epoch), total=len(train), desc=f"epoch {epoch + 1}",
-                   disable=not progress, leave=False, mininterval=0.5)  # fmt: skip
+        bar = tqdm(
+            train.epoch(epoch),
+            total=len(train),
+            desc=f"epoch {epoch + 1}",
+            disable=not progress,
+            leave=False,
+            mininterval=0.5,
+        )
         for x, y in bar:
             yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
             loss = torch.mean((model.forward_normalised(x) - yn) ** 2)
@@ -167,9 +174,16 @@ def pretrain(
         train_seconds = time.perf_counter() - t_epoch
         val_loss = evaluate_loss(model, val)
         sched.step(val_loss)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
-                        "val_loss": val_loss, "lr": optim.param_groups[0]["lr"],
-                        "samples": count, "train_seconds": train_seconds})  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / max(count, 1),
+                "val_loss": val_loss,
+                "lr": optim.param_groups[0]["lr"],
+                "samples": count,
+                "train_seconds": train_seconds,
+            }
+        )
         if progress:
             tqdm.write(f"epoch {epoch + 1}: train {total / max(count, 1):.4f} val {val_loss:.4f}")
         if val_loss < best_val - cfg.min_delta:
@@ -187,7 +201,7 @@ def pretrain(
                 "best_val": best_val,
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
-            },  # fmt: skip
+            },
         )
 
     model.load_state_dict(best_state)
@@ -213,5 +227,6 @@ def pretrain(
     )
     mv = artifacts.publish(repository, name, model, config)
     shutil.rmtree(work, ignore_errors=True)
-    return PretrainResult(mv, best_epoch, best_val, len(history) - 1, resumed_from, history,
-                          time.perf_counter() - t0)  # fmt: skip
+    return PretrainResult(
+        mv, best_epoch, best_val, len(history) - 1, resumed_from, history, time.perf_counter() - t0
+    )

@@ -27,9 +27,15 @@ def run(args: argparse.Namespace) -> int:
     k = data.values.shape[-1]
     layout = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": k}, {"X": "1"})
     path, metrics = train_emulator(
-        BlackBoxHost.wrap(host), args.host, data.values[: data.train_end], layout, args.out,
-        cfg, host_params=data.host_params, progress=not args.no_progress,
-    )  # fmt: skip
+        BlackBoxHost.wrap(host),
+        args.host,
+        data.values[: data.train_end],
+        layout,
+        args.out,
+        cfg,
+        host_params=data.host_params,
+        progress=not args.no_progress,
+    )
     print(
         f"emulator: one-step RMSE {metrics['one_step_rmse']:.4g}, 10-step RMSE "
         f"{metrics['ten_step_rmse']:.4g} against the host"

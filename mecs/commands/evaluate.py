@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     plots = write_plots(metrics, out)
     (out / "metrics.json").write_text(json.dumps(clean_for_json(metrics), indent=1) + "\n")
     for label, f in metrics["forecasts"].items():
-        print(f"evaluate: {label:>8}: valid time {f['valid_time']:.2f}  "
-              f"gap closed {f['gap_closed']:.2f}")  # fmt: skip
+        print(
+            f"evaluate: {label:>8}: valid time {f['valid_time']:.2f}  "
+            f"gap closed {f['gap_closed']:.2f}"
+        )
     print(f"evaluate: wrote {out.resolve() / 'metrics.json'} and {len(plots)} plots")
     return 0
 
@@ -70,8 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=None, help="default: the newest")
     p.add_argument("--data", required=True, help="benchmark directory from mecs synth")
     p.add_argument("--out", required=True, help="directory for metrics.json and plots")
-    p.add_argument("--increments", help="increment store for the polynomial baseline "
-                   "(default: the model's training data)")  # fmt: skip
+    p.add_argument(
+        "--increments",
+        help="increment store for the polynomial baseline (default: the model's training data)",
+    )
     p.add_argument("--lead-max", type=float, default=5.0)
     p.add_argument("--init-every", type=float, default=None)
     p.add_argument("--free-run", type=float, default=500.0, help="free-run length (MTU)")

@@ -36,10 +36,19 @@ def run(args: argparse.Namespace) -> int:
     torch_host = host if cfg.mode == "differentiable" else None
     try:
         result = finetune(
-            args.repository, args.name, data.values, host, cfg, steps, data.train_end,
-            from_version=args.from_version, emulator_path=args.emulator,
-            torch_host=torch_host, data_ref=str(data.path), progress=not args.no_progress,
-        )  # fmt: skip
+            args.repository,
+            args.name,
+            data.values,
+            host,
+            cfg,
+            steps,
+            data.train_end,
+            from_version=args.from_version,
+            emulator_path=args.emulator,
+            torch_host=torch_host,
+            data_ref=str(data.path),
+            progress=not args.no_progress,
+        )
     except ValueError as err:
         raise UsageError(f"mecs finetune: {err}") from None
     first, best = result.history[0]["val_loss"], result.best_val
@@ -55,8 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=None, help="default: hybrid")
     p.add_argument("--repository", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--from", dest="from_version", type=int, default=None,
-                   help="parent version (default: the newest)")  # fmt: skip
+    p.add_argument(
+        "--from",
+        dest="from_version",
+        type=int,
+        default=None,
+        help="parent version (default: the newest)",
+    )
     p.add_argument("--emulator", help="emulator artifact (from mecs emulator)")
     p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
     p.add_argument("--host", default="l96", help="host model name (default l96)")

@@ -57,8 +57,10 @@ def _initial_state(ds, variable: dict, init_time: float | None, host_shape) -> t
         raise UsageError(f"mecs forecast: --init has no variable '{name}' (the model's field)")
     var = ds[name]
     if "time" not in var.dims or set(var.dims) != {"time", *dims}:
-        raise UsageError(f"mecs forecast: variable '{name}' has dims {var.dims}, expected "
-                         f"('time', {', '.join(repr(d) for d in dims)})")  # fmt: skip
+        raise UsageError(
+            f"mecs forecast: variable '{name}' has dims {var.dims}, expected "
+            f"('time', {', '.join(repr(d) for d in dims)})"
+        )
     times = np.asarray(ds["time"].values)
     if init_time is None:  # the test period's first analysis, else the last one
         start = ds.attrs.get("test_start")
@@ -69,12 +71,16 @@ def _initial_state(ds, variable: dict, init_time: float | None, host_shape) -> t
         i = int(np.argmin(np.abs(times - init_time)))
         spacing = float(np.min(np.diff(times))) if len(times) > 1 else 0.0
         if abs(float(times[i]) - init_time) > max(0.5 * spacing, 1e-9):
-            raise UsageError(f"mecs forecast: no analysis at --init-time {init_time} "
-                             f"(times {times[0]:g} to {times[-1]:g})")  # fmt: skip
+            raise UsageError(
+                f"mecs forecast: no analysis at --init-time {init_time} "
+                f"(times {times[0]:g} to {times[-1]:g})"
+            )
     state = var.isel(time=i).transpose(*dims).values.astype(np.float64)
     if tuple(state.shape) != tuple(host_shape):
-        raise UsageError(f"mecs forecast: state shape {list(state.shape)} does not match the "
-                         f"host's {list(host_shape)}")  # fmt: skip
+        raise UsageError(
+            f"mecs forecast: state shape {list(state.shape)} does not match the "
+            f"host's {list(host_shape)}"
+        )
     if not np.isfinite(state).all():
         raise UsageError(f"mecs forecast: analysis at time {times[i]:g} has NaN or Inf values")
     coords = {d: ds[d].values for d in dims if d in ds.coords}
@@ -107,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             client = CorrectionClient(
-                args.service, args.model, version=args.version,
-                api_key=os.environ.get("MECS_API_KEY") or None, timeout=args.timeout,
-                retries=args.retries, degrade=args.degrade,
-            )  # fmt: skip
+                args.service,
+                args.model,
+                version=args.version,
+                api_key=os.environ.get("MECS_API_KEY") or None,
+                timeout=args.timeout,
+                retries=args.retries,
+                degrade=args.degrade,
+            )
             source = ServiceCorrection(client, dt=host.dt)
             variables = source.variables()
         except (ValueError, ServiceError) as err:
@@ -123,8 +133,12 @@ def run(args: argparse.Namespace) -> int:
             corrector = Corrector.load(args.repository, args.model, args.version)
         except ArtifactError as err:
             raise UsageError(f"mecs forecast: {err}") from None
-        source = LocalCorrection(corrector, cap_std=args.cap_std or None,
-                                 ood_threshold_std=args.ood_std, runtime=args.runtime)  # fmt: skip
+        source = LocalCorrection(
+            corrector,
+            cap_std=args.cap_std or None,
+            ood_threshold_std=args.ood_std,
+            runtime=args.runtime,
+        )
         variables = source.variables()
     if len(variables) != 1:
         raise UsageError("mecs forecast: only single-field models are supported for now")
@@ -140,8 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=args.steps, desc="forecast", unit="step", mininterval=0.5)
     try:
-        result = run_forecast(host, x0, args.steps, source, args.output_every,
-                              progress=(lambda n: bar.update(1)) if bar else None)  # fmt: skip
+        result = run_forecast(
+            host,
+            x0,
+            args.steps,
+            source,
+            args.output_every,
+            progress=(lambda n: bar.update(1)) if bar else None,
+        )
     except FloatingPointError as err:
         print(f"error: mecs forecast: {err}", file=sys.stderr)
         return 1
@@ -194,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 result.versions.astype(np.int32),
                 {"long_name": "correction model version in use", "units": "1"},
             ),
-        },  # fmt: skip
+        },
         coords={
             "member": ("member", np.arange(args.members), {"long_name": "ensemble member"}),
             "time": ("time", t0 + lead, {"long_name": "model time", "units": "1"}),
@@ -223,16 +243,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("forecast", help="run the host model with the correction every step")
     p.add_argument("--host", required=True, choices=sorted(HOSTS), help="host model name")
-    p.add_argument("--host-param", action="append", metavar="KEY=VALUE",
-                   help="host parameter, e.g. F=10 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--host-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="host parameter, e.g. F=10 (repeatable)",
+    )
     p.add_argument("--init", required=True, help="analyses store (zarr dir or netCDF file)")
-    p.add_argument("--init-time", type=float, default=None,
-                   help="analysis time to start from (default: the store's test_start, "
-                        "else its last time)")  # fmt: skip
+    p.add_argument(
+        "--init-time",
+        type=float,
+        default=None,
+        help="analysis time to start from (default: the store's test_start, else its last time)",
+    )
     p.add_argument("--steps", type=int, required=True, help="host model steps")
     p.add_argument("--members", type=int, default=1, help="ensemble size (member 0 = control)")
-    p.add_argument("--perturbation", type=float, default=DEFAULT_PERTURBATION,
-                   help="std of the Gaussian initial perturbations (state units)")  # fmt: skip
+    p.add_argument(
+        "--perturbation",
+        type=float,
+        default=DEFAULT_PERTURBATION,
+        help="std of the Gaussian initial perturbations (state units)",
+    )
     p.add_argument("--seed", type=int, default=0)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--service", help="correction service URL (key from $MECS_API_KEY)")
@@ -250,17 +281,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per service call")
     p.add_argument("--retries", type=int, default=2, help="retries per service call")
-    p.add_argument("--cap-std", type=float, default=10.0,
-                   help="in-process only: magnitude cap in training stds (0: off), as the "
-                        "service's MECS_CORRECTION_CAP_STD")  # fmt: skip
+    p.add_argument(
+        "--cap-std",
+        type=float,
+        default=10.0,
+        help="in-process only: magnitude cap in training stds (0: off), as the "
+        "service's MECS_CORRECTION_CAP_STD",
+    )
     p.add_argument(
         "--ood-std",
         type=float,
         default=6.0,
         help="in-process only: out-of-distribution threshold in training stds",
     )
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torchscript",
-                   "eager"], help="in-process only: inference runtime, as the service's "
-                   "MECS_RUNTIME (checked against eager at load, falls back)")  # fmt: skip
+    p.add_argument(
+        "--runtime",
+        default="onnxruntime",
+        choices=["onnxruntime", "torchscript", "eager"],
+        help="in-process only: inference runtime, as the service's "
+        "MECS_RUNTIME (checked against eager at load, falls back)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)

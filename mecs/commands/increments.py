@@ -59,38 +59,56 @@ def register(sub: argparse._SubParsersAction) -> None:
         "store (state, increment, target = increment / window) with normalisation "
         "statistics and time-block splits.",
     )
-    p.add_argument("--analyses", required=True,
-                   help="analyses: zarr store, netCDF file or glob, or fsspec URL")  # fmt: skip
-    p.add_argument("--forecasts", required=True,
-                   help="forecast archive with dims (init_time, lead_time, ...)")  # fmt: skip
-    p.add_argument("--window", required=True,
-                   help="lead time of the increment: a number in the data's time units, "
-                        "or a duration such as 6h for datetime64 times")  # fmt: skip
+    p.add_argument(
+        "--analyses", required=True, help="analyses: zarr store, netCDF file or glob, or fsspec URL"
+    )
+    p.add_argument(
+        "--forecasts", required=True, help="forecast archive with dims (init_time, lead_time, ...)"
+    )
+    p.add_argument(
+        "--window",
+        required=True,
+        help="lead time of the increment: a number in the data's time units, "
+        "or a duration such as 6h for datetime64 times",
+    )
     p.add_argument("--out", required=True, help="output store (created; must not hold data)")
     p.add_argument("--variables", help="comma-separated fields (default: every field)")
-    p.add_argument("--split", default="0.7:0.15:0.15",
-                   help="fractions train:val:test of the time range, or ranges "
-                        "train=A:B,val=C:D,test=E:F (numbers or ISO dates, ends "
-                        "inclusive); default 0.7:0.15:0.15")  # fmt: skip
+    p.add_argument(
+        "--split",
+        default="0.7:0.15:0.15",
+        help="fractions train:val:test of the time range, or ranges "
+        "train=A:B,val=C:D,test=E:F (numbers or ISO dates, ends "
+        "inclusive); default 0.7:0.15:0.15",
+    )
     p.add_argument(
         "--gap",
         default=None,
         help="gap between fraction blocks (default: max(window, 1%% of the range))",
     )
-    p.add_argument("--scheduler", default=None,
-                   help="address of a running dask scheduler (default: start a local "
-                        "cluster); 'sync' or 'threads' for dask's local schedulers")  # fmt: skip
-    p.add_argument("--workers", type=_positive_int, default=2,
-                   help="worker processes of the local cluster (default 2)")  # fmt: skip
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a running dask scheduler (default: start a local "
+        "cluster); 'sync' or 'threads' for dask's local schedulers",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        help="worker processes of the local cluster (default 2)",
+    )
     p.add_argument(
         "--chunk-samples",
         type=_positive_int,
         default=None,
         help="samples per chunk (default: up to 4096, at most 32 MiB per chunk)",
     )
-    p.add_argument("--missing", choices=["skip", "error"], default="skip",
-                   help="a missing analysis inside the analysis period: skip the sample "
-                        "(counted) or fail")  # fmt: skip
+    p.add_argument(
+        "--missing",
+        choices=["skip", "error"],
+        default="skip",
+        help="a missing analysis inside the analysis period: skip the sample (counted) or fail",
+    )
     p.add_argument(
         "--state",
         choices=["analysis", "forecast"],
@@ -100,9 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tolerance", default=None, help="time matching tolerance (default: window / 1000)"
     )
-    p.add_argument("--level-dims", default=None,
-                   help="comma-separated vertical dims (default: detected from CF attributes "
-                        "and usual names)")  # fmt: skip
+    p.add_argument(
+        "--level-dims",
+        default=None,
+        help="comma-separated vertical dims (default: detected from CF attributes and usual names)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)

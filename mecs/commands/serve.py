@@ -34,8 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from service.server import serve
 
     def ready(url: str) -> None:
-        print(f"serve: models from {Path(settings.repository).resolve()} on {url} "
-              f"(docs: {url}/docs, metrics: {url}/metrics)", flush=True)  # fmt: skip
+        print(
+            f"serve: models from {Path(settings.repository).resolve()} on {url} "
+            f"(docs: {url}/docs, metrics: {url}/metrics)",
+            flush=True,
+        )
 
     serve(settings, on_ready=ready, app=app)
     return 0

@@ -43,8 +43,10 @@ async def infer_version(request: Request, name: str, version: str, _: InferenceS
 # to infer_handler, skipping FastAPI's routing and dependency solving on the hot path;
 # the routes document them (OpenAPI) and serve them wherever that middleware is absent.
 _INFER_DOC = {200: {"model": InferResponseDoc, "description": "the correction"}}
-for _path, _endpoint in (("/{name}/infer", infer), ("/{name}/versions/{version}/infer",
-                                                     infer_version)):  # fmt: skip
+for _path, _endpoint in (
+    ("/{name}/infer", infer),
+    ("/{name}/versions/{version}/infer", infer_version),
+):
     router.add_api_route(_path, _endpoint, methods=["POST"], responses=_INFER_DOC)
 
 
@@ -94,8 +96,10 @@ def _validate(model: LoadedModel, req: InferRequest) -> tuple[np.ndarray, np.nda
     allowed = {"state", "forcings"} if model.n_forcings else {"state"}
     for name in req.inputs:
         if name not in allowed:
-            raise _reject(f"unknown input '{name}'; model '{model.name}' takes "
-                          f"{sorted(allowed)}", "bad_request")  # fmt: skip
+            raise _reject(
+                f"unknown input '{name}'; model '{model.name}' takes {sorted(allowed)}",
+                "bad_request",
+            )
     if "state" not in req.inputs:
         raise _reject(f"input 'state' is missing (model '{model.name}')", "bad_request")
     x = req.inputs["state"]
@@ -113,8 +117,11 @@ def _validate(model: LoadedModel, req: InferRequest) -> tuple[np.ndarray, np.nda
         if f is None:
             raise _reject(f"input 'forcings' [batch, {model.n_forcings}] is missing", "shape")
         if f.shape != (x.shape[0], model.n_forcings):
-            raise _reject(f"input 'forcings' has shape {list(f.shape)}, expected "
-                          f"[{x.shape[0]}, {model.n_forcings}]", "shape")  # fmt: skip
+            raise _reject(
+                f"input 'forcings' has shape {list(f.shape)}, expected "
+                f"[{x.shape[0]}, {model.n_forcings}]",
+                "shape",
+            )
     for name, arr in (("state", x), ("forcings", f)):
         if arr is not None and not np.isfinite(arr).all():
             bad = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
@@ -140,16 +147,18 @@ def _parameters(req: InferRequest) -> tuple[dict, int]:
             or not math.isfinite(dt)
             or (dt <= 0)
         ):
-            raise _reject(f"parameter 'dt' must be a positive finite number, got {dt!r}",
-                          "bad_request")  # fmt: skip
+            raise _reject(
+                f"parameter 'dt' must be a positive finite number, got {dt!r}", "bad_request"
+            )
         out["dt"] = dt
     degraded = params.get("degraded_steps", 0)
     if isinstance(degraded, bool) or not isinstance(degraded, int) or not 0 <= degraded < 1 << 40:
         raise _reject("parameter 'degraded_steps' must be a non-negative integer", "bad_request")
     for name in req.outputs:
         if name != "correction":
-            raise _reject(f"unknown output '{name}'; this model returns 'correction'",
-                          "bad_request")  # fmt: skip
+            raise _reject(
+                f"unknown output '{name}'; this model returns 'correction'", "bad_request"
+            )
     return out, degraded
 
 
@@ -253,14 +262,16 @@ class PartsResponse(Response):
         self.status_code = status_code
         self.background = None
         self.body = b""
-        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                            for k, v in headers.items()]  # fmt: skip
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
         length = sum(len(p) for p in parts)
         self.raw_headers.append((b"content-length", str(length).encode("latin-1")))
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
         last = len(self.parts) - 1
         for i, part in enumerate(self.parts):
             await send({"type": "http.response.body", "body": part, "more_body": i < last})
