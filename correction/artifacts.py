@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mecs import __version__
+from correction.version import __version__
 
 from .layout import ModelLayout
 from .networks import CorrectionModel

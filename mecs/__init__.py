@@ -1,3 +1,5 @@
 """mecs: model-error correction for weather and climate models."""
 
-__version__ = "0.1.0"
+from correction.version import __version__
+
+__all__ = ["__version__"]

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mecs import __version__
+from correction.version import __version__
 
 from .auth import KeyStore, authenticate
 from .errors import ServiceError
@@ -153,7 +153,7 @@ class ServiceMiddleware:
                         else "Content-Length is not a number"
                     )
                     await JSONResponse({"error": msg}, status)(scope, receive, send)
-                    state.metrics.http_requests.inc("other", scope["method"], str(status))
+                    state.metrics.http_requests.labels("other", scope["method"], str(status)).inc()
                     return
                 break
         ticket = None
@@ -198,8 +198,8 @@ class ServiceMiddleware:
             if endpoint is None:
                 endpoint = getattr(scope.get("route"), "path", "other")
             m = state.metrics
-            m.http_requests.inc(endpoint, scope["method"], str(status[0]))
-            m.http_latency.observe(time.perf_counter() - t0, endpoint)
+            m.http_requests.labels(endpoint, scope["method"], str(status[0])).inc()
+            m.http_latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

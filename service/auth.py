@@ -74,7 +74,7 @@ def authenticate(request: Request, need: str) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        state.metrics.auth_failures.inc("missing")
+        state.metrics.auth_failures.labels("missing").inc()
         raise ServiceError(
             401,
             "missing bearer API key (send 'Authorization: Bearer <key>')",
@@ -82,10 +82,10 @@ def authenticate(request: Request, need: str) -> Principal:
         )
     scope = keys.scope_of(token.strip())
     if scope is None:
-        state.metrics.auth_failures.inc("invalid")
+        state.metrics.auth_failures.labels("invalid").inc()
         raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     if need == "admin" and scope != "admin":
-        state.metrics.auth_failures.inc("scope")
+        state.metrics.auth_failures.labels("scope").inc()
         raise ServiceError(403, "this API key has the inference scope; this endpoint needs admin")
     return Principal(scope)
 

@@ -1,17 +1,22 @@
-"""A small Prometheus registry (text exposition format 0.0.4), no dependency.
+"""The service's Prometheus series, on prometheus-client.
 
-The service records a few dozen series; a hand-written registry keeps the hot
-path to a dict lookup and a bisect per observation, and avoids another pinned
-dependency. Updates happen on the event loop thread (and rarely from loader
-threads, where the GIL makes the single dict/list updates atomic enough for
-counters that only grow).
+Each app owns its own ``CollectorRegistry`` (tests and benchmarks run several apps in
+one process, and a module-level default registry would merge their counts). The
+``*_created`` series are off: scrapers of this service want counts and histograms,
+and every labelled child would otherwise add a timestamp line to each scrape.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Iterable, Sequence
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import disable_created_metrics as _disable_created_metrics
+
+_disable_created_metrics()
+
+#: the Prometheus text exposition format that ``render`` writes
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -34,181 +39,125 @@ LATENCY_BUCKETS = (
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()) -> None:
-        self.name, self.doc, self.labelnames = name, doc, tuple(labels)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, doc, labels)
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        self.values[labels] = self.values.get(labels, 0.0) + amount
-
-    def get(self, *labels: str) -> float:
-        return self.values.get(labels, 0.0)
-
-    def render(self) -> list[str]:
-        return self.header() + [
-            f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in self.values.items()
-        ]
-
-
-class Gauge(Counter):
-    kind = "gauge"
-
-    def set(self, *labels: str, value: float) -> None:
-        self.values[labels] = float(value)
-
-    def remove(self, *labels: str) -> None:
-        self.values.pop(labels, None)
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(
-        self, name: str, doc: str, labels: Sequence[str] = (), buckets: Iterable[float] = ()
-    ) -> None:
-        super().__init__(name, doc, labels)
-        self.buckets = tuple(sorted(buckets or LATENCY_BUCKETS))
-        self.series: dict[tuple[str, ...], list[float]] = {}  # counts per bucket, +Inf, sum
-
-    def observe(self, value: float, *labels: str) -> None:
-        s = self.series.get(labels)
-        if s is None:
-            s = self.series[labels] = [0.0] * (len(self.buckets) + 2)
-        s[bisect.bisect_left(self.buckets, value)] += 1
-        s[-1] += value
-
-    def count(self, *labels: str) -> int:
-        s = self.series.get(labels)
-        return int(sum(s[:-1])) if s else 0
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        for key, s in self.series.items():
-            cum = 0.0
-            for bound, n in zip((*self.buckets, math.inf), s[:-1], strict=True):
-                cum += n
-                le = f'le="{_num(bound)}"'
-                lines.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {_num(cum)}")
-            lines.append(f"{self.name}_sum{_labels(self.labelnames, key)} {_num(s[-1])}")
-            lines.append(f"{self.name}_count{_labels(self.labelnames, key)} {_num(cum)}")
-        return lines
-
-
 class ServiceMetrics:
     """Every series the service exports; names follow Prometheus conventions."""
 
     def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=False)
         self.http_requests = Counter(
-            "mecs_http_requests_total",
+            "mecs_http_requests",
             "HTTP requests by endpoint and status",
             ["endpoint", "method", "status"],
+            registry=r,
         )
         self.http_latency = Histogram(
             "mecs_http_request_duration_seconds",
             "HTTP handling time in the server",
             ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.infer_requests = Counter(
-            "mecs_inference_requests_total",
+            "mecs_inference_requests",
             "infer requests by model, version and status",
             ["model", "version", "status"],
+            registry=r,
         )
         self.infer_latency = Histogram(
             "mecs_inference_duration_seconds",
             "infer request time in the server (body read to response built)",
             ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.samples = Counter(
-            "mecs_inference_samples_total", "states corrected", ["model", "version"]
+            "mecs_inference_samples", "states corrected", ["model", "version"], registry=r
         )
         self.batch_size = Histogram(
-            "mecs_batch_size", "samples per forward pass", ["model", "version"], SIZE_BUCKETS
+            "mecs_batch_size",
+            "samples per forward pass",
+            ["model", "version"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
-            "mecs_batch_requests", "requests per forward pass", ["model", "version"], SIZE_BUCKETS
+            "mecs_batch_requests",
+            "requests per forward pass",
+            ["model", "version"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
         )
         self.forward_latency = Histogram(
-            "mecs_forward_duration_seconds", "forward pass time", ["model", "version"]
+            "mecs_forward_duration_seconds",
+            "forward pass time",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "mecs_batch_queue_wait_seconds", "time a request waited for its batch", ["model"]
+            "mecs_batch_queue_wait_seconds",
+            "time a request waited for its batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.rejected = Counter(
-            "mecs_rejected_inputs_total",
+            "mecs_rejected_inputs",
             "infer requests rejected by validation",
             ["model", "reason"],
+            registry=r,
         )
         self.ood_samples = Counter(
-            "mecs_out_of_distribution_samples_total",
+            "mecs_out_of_distribution_samples",
             "samples whose input lies far outside the training statistics",
             ["model", "version"],
+            registry=r,
         )
         self.ood_requests = Counter(
-            "mecs_out_of_distribution_requests_total",
+            "mecs_out_of_distribution_requests",
             "requests with at least one out-of-distribution sample",
             ["model", "version"],
+            registry=r,
         )
         self.capped = Counter(
-            "mecs_capped_values_total",
+            "mecs_capped_values",
             "correction values clipped by the magnitude cap",
             ["model", "version"],
+            registry=r,
         )
         self.client_degraded = Counter(
-            "mecs_client_degraded_steps_total",
+            "mecs_client_degraded_steps",
             "steps clients ran without a fresh correction, as they report on reconnection",
             ["model"],
+            registry=r,
         )
         self.overloaded = Counter(
-            "mecs_overload_rejections_total", "requests refused with 503 (queue full)", ["model"]
+            "mecs_overload_rejections",
+            "requests refused with 503 (queue full)",
+            ["model"],
+            registry=r,
         )
         self.auth_failures = Counter(
-            "mecs_auth_failures_total", "requests refused by authentication", ["reason"]
+            "mecs_auth_failures", "requests refused by authentication", ["reason"], registry=r
         )
         self.version_served = Gauge(
-            "mecs_model_version_served", "default version answered for each model", ["model"]
+            "mecs_model_version_served",
+            "default version answered for each model",
+            ["model"],
+            registry=r,
         )
         self.versions_loaded = Gauge(
-            "mecs_model_versions_loaded", "versions held in memory per model", ["model"]
+            "mecs_model_versions_loaded", "versions held in memory per model", ["model"], registry=r
         )
         self.loads = Counter(
-            "mecs_model_loads_total", "model version loads by outcome", ["model", "outcome"]
+            "mecs_model_loads", "model version loads by outcome", ["model", "outcome"], registry=r
         )
 
-    def all(self) -> list[_Metric]:
-        return [m for m in vars(self).values() if isinstance(m, _Metric)]
+    def forget_version_served(self, model: str) -> None:
+        """Drop a model's served-version series (the model was unloaded)."""
+        with contextlib.suppress(KeyError):
+            self.version_served.remove(model)
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in self.all():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        """The text exposition of every series."""
+        return generate_latest(self.registry).decode()

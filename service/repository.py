@@ -75,11 +75,11 @@ class LoadedModel:
         labels = (self.name, self.version_str)
 
         def observe(samples: int, requests: int, seconds: float, waits: list[float]) -> None:
-            metrics.batch_size.observe(samples, *labels)
-            metrics.batch_requests.observe(requests, *labels)
-            metrics.forward_latency.observe(seconds, *labels)
+            metrics.batch_size.labels(*labels).observe(samples)
+            metrics.batch_requests.labels(*labels).observe(requests)
+            metrics.forward_latency.labels(*labels).observe(seconds)
             for w in waits:
-                metrics.queue_wait.observe(w, self.name)
+                metrics.queue_wait.labels(self.name).observe(w)
 
         self.batcher = Batcher(
             self.forward,
@@ -245,7 +245,7 @@ class ModelRepository:
         except Exception as err:  # any broken version is reported, never served
             msg = str(err) or type(err).__name__
             slot.failed[version] = msg
-            self.metrics.loads.inc(slot.name, "failed")
+            self.metrics.loads.labels(slot.name, "failed").inc()
             log.error("cannot load model '%s' version %s: %s", slot.name, version, msg)
             exc = ServiceError(503, f"model '{slot.name}' version {version} failed to load: {msg}")
             future.set_exception(exc)
@@ -255,7 +255,7 @@ class ModelRepository:
             slot.loading.pop(version, None)
         slot.failed.pop(version, None)
         model.batcher.attach()
-        self.metrics.loads.inc(slot.name, "ok")
+        self.metrics.loads.labels(slot.name, "ok").inc()
         future.set_result(model)
         return model
 
@@ -267,9 +267,9 @@ class ModelRepository:
         elif old is not None and old is not model:
             old.batcher.retire()
         if model is None:
-            self.metrics.version_served.remove(slot.name)
+            self.metrics.forget_version_served(slot.name)
         else:
-            self.metrics.version_served.set(slot.name, value=model.version)
+            self.metrics.version_served.labels(slot.name).set(model.version)
             log.info("model '%s' now serves version %d", slot.name, model.version)
         self._count_loaded(slot)
 
@@ -277,7 +277,7 @@ class ModelRepository:
         versions = {m.version for m in slot.pinned.values()}
         if slot.default is not None:
             versions.add(slot.default.version)
-        self.metrics.versions_loaded.set(slot.name, value=len(versions))
+        self.metrics.versions_loaded.labels(slot.name).set(len(versions))
 
     async def refresh(self, only: str | None = None) -> None:
         """Scan the repository and move each model's default to its target version."""

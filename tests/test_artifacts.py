@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_l96_model
+from support import make_l96_model
 
 from correction.artifacts import ArtifactError, list_versions, load, publish, resolve
 from correction.hosts import BlackBoxHost, Lorenz96

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from support import metric_value
 
 from service.client import (
     CorrectionClient,
@@ -93,7 +94,10 @@ def test_unloaded_model_degrades_and_degraded_steps_reach_the_server(start_serve
         assert client.degraded_steps == 4
         assert client.load_model()["version"] == "1"
         client.correct(x)  # reports the 4 degraded steps with this call
-        assert 'mecs_client_degraded_steps_total{model="l96"} 4' in client.metrics_text()
+        assert (
+            metric_value(client.metrics_text(), "mecs_client_degraded_steps_total", model="l96")
+            == 4
+        )
 
 
 def test_idle_keep_alive_close_is_retried_silently(start_server):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_l96_model
+from support import make_l96_model
 
 from correction import artifacts
 from correction.emulator import Emulator

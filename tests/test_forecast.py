@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from support import metric_value
 
 from correction.hosts import Lorenz96, integrate
 from correction.inference import Corrector
@@ -80,8 +81,11 @@ def test_service_run_equals_in_process_run(
     # one batched request per step for the whole ensemble
     with CorrectionClient(server.url, "l96") as c:
         text = c.metrics_text()
-    assert 'mecs_inference_requests_total{model="l96",version="1",status="200"} 30' in text
-    assert 'mecs_inference_samples_total{model="l96",version="1"} 120' in text
+    assert (
+        metric_value(text, "mecs_inference_requests_total", model="l96", version="1", status="200")
+        == 30
+    )
+    assert metric_value(text, "mecs_inference_samples_total", model="l96", version="1") == 120
     a = svc.attrs
     assert a["degraded_steps"] == 0 and a["correction_latency_p50_us"] > 0
     assert a["model_versions"] == [1] and a["members"] == 4 and a["init_time"] == 1.0

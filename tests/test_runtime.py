@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import make_l96_model
+from support import make_l96_model
 
 from correction import runtime as rt
 from correction.networks import CorrectionModel

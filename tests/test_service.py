@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_l96_model, service_settings
 from fastapi.testclient import TestClient
+from support import make_l96_model, metric_value, service_settings
 
 from correction.artifacts import publish
 from correction.inference import Corrector
@@ -141,7 +141,9 @@ def test_auth_scopes(l96_repository, tmp_path):
             assert c.get("/v2/repository/index", headers=adm).status_code == 200
             assert c.post(INFER, content=body, headers=headers | adm).status_code == 200
         assert c.get("/metrics").status_code == 200  # open by default
-        assert 'mecs_auth_failures_total{reason="invalid"} 1' in c.get("/metrics").text
+        assert (
+            metric_value(c.get("/metrics").text, "mecs_auth_failures_total", reason="invalid") == 1
+        )
 
 
 def test_metrics_can_require_admin(l96_repository, tmp_path):
@@ -347,7 +349,7 @@ def test_poller_swaps_in_new_versions(l96_repository):
         while c.get("/v2/models/l96").json()["version"] != "2":
             assert time.monotonic() < deadline, "new version not picked up"
             time.sleep(0.05)
-        assert 'mecs_model_version_served{model="l96"} 2' in c.get("/metrics").text
+        assert metric_value(c.get("/metrics").text, "mecs_model_version_served", model="l96") == 2
 
 
 def test_broken_version_is_never_served(l96_repository):
@@ -374,7 +376,10 @@ def test_guardrails_cap_and_out_of_distribution(l96_repository):
         # cap: mean -0.4 +/- 0.01 * 1.8
         assert y.min() >= -0.4 - 0.018 - 1e-6 and y.max() <= -0.4 + 0.018 + 1e-6
         text = c.get("/metrics").text
-        assert 'mecs_out_of_distribution_samples_total{model="l96",version="1"} 1' in text
+        assert (
+            metric_value(text, "mecs_out_of_distribution_samples_total", model="l96", version="1")
+            == 1
+        )
         assert "mecs_capped_values_total" in text
 
 
@@ -383,18 +388,23 @@ def test_metrics_exposition(client):
         infer(client, states(n))
     client.post(INFER, content=b"{}")
     text = client.get("/metrics").text
-    for line in [
-        'mecs_inference_requests_total{model="l96",version="1",status="200"} 2',
-        'mecs_inference_requests_total{model="l96",version="1",status="400"} 1',
-        'mecs_rejected_inputs_total{model="l96",reason="bad_request"} 1',
-        'mecs_inference_samples_total{model="l96",version="1"} 4',
-        'mecs_model_version_served{model="l96"} 1',
-        'mecs_batch_size_bucket{model="l96",version="1",le="4"} 2',
-        'mecs_http_requests_total{endpoint="/v2/models/{name}/infer",method="POST",status="200"} 2',
-    ]:
-        assert line in text, line
+    expected = [
+        ("mecs_inference_requests_total", {"model": "l96", "version": "1", "status": "200"}, 2),
+        ("mecs_inference_requests_total", {"model": "l96", "version": "1", "status": "400"}, 1),
+        ("mecs_rejected_inputs_total", {"model": "l96", "reason": "bad_request"}, 1),
+        ("mecs_inference_samples_total", {"model": "l96", "version": "1"}, 4),
+        ("mecs_model_version_served", {"model": "l96"}, 1),
+        ("mecs_batch_size_bucket", {"model": "l96", "version": "1", "le": "4"}, 2),
+        (
+            "mecs_http_requests_total",
+            {"endpoint": "/v2/models/{name}/infer", "method": "POST", "status": "200"},
+            2,
+        ),
+        ("mecs_inference_duration_seconds_count", {"model": "l96", "version": "1"}, 2),
+    ]
+    for name, labels, value in expected:
+        assert metric_value(text, name, **labels) == value, (name, labels)
     assert "# TYPE mecs_inference_duration_seconds histogram" in text
-    assert 'mecs_inference_duration_seconds_count{model="l96",version="1"} 2' in text
 
 
 def test_settings_precedence_and_errors(tmp_path, monkeypatch, l96_repository):

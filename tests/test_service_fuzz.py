@@ -14,10 +14,10 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from conftest import make_l96_model, service_settings
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import make_l96_model, service_settings
 
 from correction.artifacts import publish
 from service.app import create_app

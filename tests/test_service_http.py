@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import make_l96_model
+from support import make_l96_model
 
 from correction.artifacts import publish
 from correction.inference import Corrector

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from mecs import __version__
+from correction.version import __version__
 
 from ..schemas import ServerMetadata
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from ..auth import MetricsScope
+from ..metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["metrics"])
 
@@ -14,4 +15,4 @@ router = APIRouter(tags=["metrics"])
 async def metrics(request: Request, _: MetricsScope) -> PlainTextResponse:
     """Request counts, latency and batch-size histograms, versions served, rejections."""
     text = request.app.state.mecs.metrics.render()
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)

@@ -197,18 +197,18 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         t_decode = time.perf_counter()
         result = await model.correct(x, f, request.scope.get("mecs.ticket"))
     except ProtocolError as err:
-        metrics.rejected.inc(model.name, err.reason)
-        metrics.infer_requests.inc(*labels, str(err.status))
+        metrics.rejected.labels(model.name, err.reason).inc()
+        metrics.infer_requests.labels(*labels, str(err.status)).inc()
         raise ServiceError(err.status, err.message) from None
     except ServiceError as err:
         if err.status == 413:
-            metrics.rejected.inc(model.name, "too_large")
+            metrics.rejected.labels(model.name, "too_large").inc()
         elif err.status == 503:
-            metrics.overloaded.inc(model.name)
-        metrics.infer_requests.inc(*labels, str(err.status))
+            metrics.overloaded.labels(model.name).inc()
+        metrics.infer_requests.labels(*labels, str(err.status)).inc()
         raise
     if degraded:
-        metrics.client_degraded.inc(model.name, amount=degraded)
+        metrics.client_degraded.labels(model.name).inc(degraded)
     n = x.shape[0]
     ood = result.out_of_distribution
     n_ood = int(ood.sum())
@@ -230,15 +230,15 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     parts, headers = encode_message_parts(
         header, [("correction", corr, req.wants_binary("correction"))], "outputs"
     )
-    metrics.infer_requests.inc(*labels, "200")
-    metrics.samples.inc(*labels, amount=n)
+    metrics.infer_requests.labels(*labels, "200").inc()
+    metrics.samples.labels(*labels).inc(n)
     if n_ood:
-        metrics.ood_samples.inc(*labels, amount=n_ood)
-        metrics.ood_requests.inc(*labels)
+        metrics.ood_samples.labels(*labels).inc(n_ood)
+        metrics.ood_requests.labels(*labels).inc()
     if n_capped:
-        metrics.capped.inc(*labels, amount=n_capped)
+        metrics.capped.labels(*labels).inc(n_capped)
     elapsed = time.perf_counter() - t0
-    metrics.infer_latency.observe(elapsed, *labels)
+    metrics.infer_latency.labels(*labels).observe(elapsed)
     # standard Server-Timing header (ms): lets a caller split its latency
     headers["Server-Timing"] = (
         f"read;dur={(t_read - t_body) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "

@@ -1,0 +1,10 @@
+"""Helpers shared by the test modules (importable as ``support``; pytest puts tests/ on the path).
+
+Fixtures stay in ``tests/conftest.py``; what a test calls directly lives here, so no
+test imports from ``conftest``.
+"""
+
+from .metrics import metric_value, scrape
+from .models import make_l96_model, service_settings
+
+__all__ = ["make_l96_model", "metric_value", "scrape", "service_settings"]
