@@ -609,7 +609,7 @@ def test_build_matches_brute_force(grids, chunk):
 
 
 def test_moments_are_numerically_stable():
-    from data_pipeline.increments import _moments
+    from data_pipeline.increments.numerics import _moments
 
     rng = np.random.default_rng(0)
     x = 1e8 + rng.standard_normal(10_000)  # a large offset: naive sums lose every digit

@@ -1,0 +1,178 @@
+"""``build_increments``: plan, write into staging, verify, commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+
+from ..stores import (
+    check_destination,
+    commit_staging,
+    new_staging_path,
+    remove_stale_partials,
+    update_zarr_attrs,
+    write_zarr,
+)
+from .base import DEFAULT_SPLIT, MARKER, SAMPLE, SPLIT_NAMES, STATS_FILE
+from .graph import dask_scheduler, run_chunks
+from .inputs import _is_url
+from .numerics import content_hash
+from .plan import plan_increments
+from .remote import _check_remote_destination, _discard, _remote_commit, _remote_staging
+from .writer import _chunk_tasks, _finalize, _nonfinite_error, _stats
+
+
+@dataclass(frozen=True)
+class IncrementReport:
+    """What a build wrote, for the command line, tests and logs."""
+
+    path: str
+    n_samples: int
+    n_candidates: int
+    n_skipped_missing_analysis: int
+    n_outside_analysis_period: int
+    n_dropped_in_gaps: int
+    splits: dict[str, Any]
+    content_hash: str
+    window: float
+    window_units: str
+    input_bytes: int
+    wall_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        counts = ", ".join(
+            f"{name} {self.splits[name]['n_samples']}"
+            for name in SPLIT_NAMES
+            if name in self.splits
+        )
+        lines = [
+            f"samples {self.n_samples} ({counts}) from {self.n_candidates} forecasts; "
+            f"window {self.window:g} {self.window_units}",
+            f"skipped {self.n_skipped_missing_analysis} with a missing analysis "
+            f"({self.n_outside_analysis_period} of them outside the analysis period); "
+            f"dropped {self.n_dropped_in_gaps} in the gaps between splits",
+        ]
+        blocks = [
+            f"{name} [{self.splits[name]['start']}, {self.splits[name]['end']}]"
+            for name in SPLIT_NAMES
+            if name in self.splits
+        ]
+        gap = self.splits.get("gap")
+        lines.append("splits: " + ", ".join(blocks) + (f" (gap {gap})" if gap is not None else ""))
+        lines.append(f"content hash {self.content_hash}")
+        return "\n".join(lines)
+
+
+def build_increments(
+    analyses: Any,
+    forecasts: Any,
+    window: Any,
+    out: str | os.PathLike,
+    variables: Sequence[str] | str | None = None,
+    split: Any = DEFAULT_SPLIT,
+    chunk_samples: int | None = None,
+    scheduler: str | None = None,
+    missing: str = "skip",
+    *,
+    gap: Any = None,
+    state: str = "analysis",
+    tolerance: Any = None,
+    level_dims: Sequence[str] | str | None = None,
+    overwrite: bool = False,
+    n_workers: int = 2,
+    progress: bool = False,
+) -> IncrementReport:
+    """Build an increment store at ``out`` from analyses and forecasts.
+
+    ``analyses``/``forecasts``: ``xr.Dataset`` objects, or paths, globs or URLs that
+    xarray opens. ``window``: a number in the data's time units, or a duration such
+    as ``"6h"`` when times are datetime64. ``split``: fractions ``"0.7:0.15:0.15"``
+    or time ranges ``"train=0:700,val=710:850,test=860:1000"`` (ends inclusive).
+    ``scheduler``: see :func:`dask_scheduler` (``None`` = dask's current scheduler).
+    ``missing="error"`` makes a missing analysis inside the analysis period an error.
+    Raises :class:`InputError` before anything is written when inputs do not fit, and
+    :class:`~data_pipeline.stores.OutputExistsError` when ``out`` holds data.
+    """
+    t_start = time.perf_counter()
+    out_text = os.fspath(out)
+    remote = _is_url(out_text)
+    if remote:
+        _check_remote_destination(out_text, overwrite)
+    else:
+        check_destination(Path(out_text).absolute(), overwrite)
+    plan = plan_increments(
+        analyses,
+        forecasts,
+        window,
+        variables=variables,
+        split=split,
+        gap=gap,
+        chunk_samples=chunk_samples,
+        missing=missing,
+        state=state,
+        tolerance=tolerance,
+        level_dims=level_dims,
+    )
+    ds = plan.dataset
+    cs = plan.chunk_samples
+    encoding = {name: {"chunks": (cs, *var.shape[1:])} for name, var in ds.data_vars.items()}
+    with dask_scheduler(scheduler, n_workers) as client, warnings.catch_warnings():
+        # zarr-python stores the "<U5" split labels as its fixed_length_utf32 data type
+        warnings.filterwarnings("ignore", message=".*Zarr V3 specification.*")
+        if remote:
+            staging = store = _remote_staging(out_text)
+        else:
+            remove_stale_partials(out_text)
+            staging = new_staging_path(out_text)
+            store = str(staging)
+        try:
+            # metadata and coordinates now (the data variables as empty placeholders);
+            # the data by one task per chunk
+            template = ds.copy()
+            for name, var in ds.data_vars.items():
+                template[name] = var.copy(
+                    data=da.empty(var.shape, chunks=var.data.chunks, dtype=var.dtype)
+                )
+            write_zarr(template, store, encoding=encoding, compute=False)
+            summary = _finalize(*run_chunks(_chunk_tasks(plan, store), client, progress))
+            if any(len(b) for b in summary["bad"]):
+                raise _nonfinite_error(plan, summary["bad"])
+            digest = content_hash(ds, summary["digests"])
+            stats = _stats(plan, summary["moments"])
+            update_zarr_attrs(store, {"content_hash": digest})
+            stats_text = json.dumps(stats, indent=1) + "\n"
+            if remote:
+                _remote_commit(store, out_text, stats_text, digest)
+            else:
+                (staging / STATS_FILE).write_text(stats_text)
+                (staging / MARKER).write_text(digest + "\n")
+                commit_staging(staging, out_text, overwrite)
+        except BaseException:
+            _discard(staging, remote)
+            raise
+    path = out_text if remote else str(Path(out_text).absolute())
+    return IncrementReport(
+        path=path,
+        n_samples=int(ds.sizes[SAMPLE]),
+        n_candidates=plan.n_candidates,
+        n_skipped_missing_analysis=plan.n_skipped_missing_analysis,
+        n_outside_analysis_period=plan.n_outside_analysis_period,
+        n_dropped_in_gaps=plan.n_dropped_in_gaps,
+        splits=plan.splits,
+        content_hash=digest,
+        window=float(ds.attrs["window"]),
+        window_units=str(ds.attrs["window_units"]),
+        input_bytes=plan.input_bytes,
+        wall_time=time.perf_counter() - t_start,
+    )
