@@ -3,7 +3,8 @@
 Starts ``mecs serve`` in subprocesses on 127.0.0.1 over a small l96 model and
 measures, writing ``bench/results/service.json``:
 
-1. one l96 correction (1 x 36 FP32): p50/p99 round trip over HTTP (binary) against
+1. one l96 correction (1 x 36 FP32): p50/p99 round trip over HTTP (binary; the client on
+   its own socket transport and on the standard library's ``http.client``) against
    the in-process ``Corrector`` call, the server's own runtime called in process, and
    the bare HTTP floor (``/v2/health/live``), measured in interleaved blocks so
    that all of them see the same machine;
@@ -85,14 +86,14 @@ def echo_floor(sizes: dict[str, int], calls: int, big_reps: int) -> dict:
     """Round trips of a bare uvicorn echo (own process) with the project's connection."""
     import socket
 
-    from service.client import _Connection
+    from service.client import SocketTransport
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = mp.get_context("spawn").Process(target=_serve_echo, args=(port,), daemon=True)
     proc.start()
-    conn = _Connection("127.0.0.1", port, False, 1.0)
+    conn = SocketTransport("127.0.0.1", port, False, 1.0)
     try:
         deadline = time.time() + 60
         while True:
@@ -108,7 +109,7 @@ def echo_floor(sizes: dict[str, int], calls: int, big_reps: int) -> dict:
             body = [b"", memoryview(bytes(n))]  # sent as the client sends a tensor: no copy
             head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n".encode()
             reps = calls if n < 65536 else big_reps * 4
-            times = timed(lambda: conn.request(head, body, 30), reps, max(reps // 10, 2))  # noqa: B023
+            times = timed(lambda: conn.send_raw(head, body, 30), reps, max(reps // 10, 2))  # noqa: B023
             out[label] = {"bytes": n, **summary(times)}
         return out
     finally:
@@ -269,7 +270,7 @@ def main() -> None:
 
     import psutil
     import torch
-    from conftest import make_l96_model
+    from support import make_l96_model
 
     from correction.artifacts import publish
     from correction.inference import Corrector
@@ -292,7 +293,11 @@ def main() -> None:
         members = rng.normal(2.5, 3.6, (MEMBERS, 36)).astype(np.float32)
         big = rng.normal(2.5, 3.6, (BIG_ROWS, 36)).astype(np.float32)
 
-        with Server(repo) as server, CorrectionClient(server.url, "l96", timeout=120) as c:
+        with (
+            Server(repo) as server,
+            CorrectionClient(server.url, "l96", timeout=120) as c,
+            CorrectionClient(server.url, "l96", timeout=120, transport="http.client") as c_std,
+        ):
             # 1. one call; interleaved blocks, so that every figure sees the same machine
             runtime = build_runtime(corr.model, (1, 36), "onnxruntime")
             packed = x1.reshape(1, 1, 36)
@@ -301,6 +306,8 @@ def main() -> None:
                 "in_process_runtime": lambda: runtime(packed),
                 "http_floor_health_live": c.live,
                 "http_binary": lambda: c.infer(x1),
+                # the same call on the standard library's http.client transport
+                "http_binary_stdlib_transport": lambda: c_std.infer(x1),
             }
             times: dict[str, list[float]] = {k: [] for k in fns}
             client_cpu = 0.0
@@ -405,6 +412,9 @@ def main() -> None:
         ),
         "one_request_vs_member_per_request": round(
             results["one_request_40_members"]["member_steps_per_s"] / unbatched, 1
+        ),
+        "stdlib_transport_over_socket_p50": round(
+            results["single_call"]["http_binary_stdlib_transport"]["p50_us"] / single["p50_us"], 3
         ),
         "single_call_over_bare_echo_p50_us": round(
             single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1

@@ -2,10 +2,9 @@
 
 Design points, each for the per-step budget of a forecast:
 
-- one keep-alive HTTP/1.1 connection over a plain socket with ``TCP_NODELAY``; the
-  response is parsed by hand (status line, ``Content-Length`` or chunked body).
-  ``http.client`` parses headers with the ``email`` package and ``httpx`` adds
-  its own layers: each costs 100-500 us per call, more than the server's work;
+- one keep-alive HTTP/1.1 connection with ``TCP_NODELAY`` (``transport``: a plain
+  socket parsed by hand, the default, or the standard library's ``http.client``;
+  :mod:`service.client.transport` says why and where the measurement is);
 - binary tensors (the Open Inference Protocol's binary extension) by default;
 - a timeout per attempt and retries with backoff for idempotent calls (a
   correction is a pure function of the state, so ``infer`` is idempotent); a
@@ -25,39 +24,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from .protocol import (
+from ..protocol import (
     HEADER_LENGTH,
     decode_infer_response,
     encode_infer_request_parts,
 )
-
-Policy = Literal["raise", "zero", "last"]
-POLICIES = ("raise", "zero", "last")
-
-
-class ServiceError(RuntimeError):
-    """The service answered an error or could not be reached."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ServiceUnavailable(ServiceError):
-    """Connection refused or reset, timeout, 5xx, or the breaker is open: degradable."""
-
-
-class RequestRejected(ServiceError):
-    """A 4xx answer: the request itself is wrong; never retried, never degraded."""
+from .degradation import Degradation, Policy
+from .transport import (
+    RequestRejected,
+    ServiceError,
+    ServiceUnavailable,
+    TransportName,
+    error_message,
+    make_transport,
+)
 
 
 @dataclass
@@ -75,96 +63,7 @@ class InferResult:
     server_timing_ms: dict[str, float] = field(default_factory=dict)
 
 
-class _Connection:
-    """One keep-alive HTTP/1.1 connection (http or https)."""
-
-    def __init__(self, host: str, port: int, tls: bool, connect_timeout: float) -> None:
-        self.host, self.port, self.tls = host, port, tls
-        self.connect_timeout = connect_timeout
-        self.sock: socket.socket | None = None
-        self.reader = None
-        self.reused = False
-
-    def open(self) -> None:
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
-        self.sock = sock
-        self.reader = sock.makefile("rb", buffering=65536)
-        self.reused = False
-
-    def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.reader.close()
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = self.reader = None
-
-    def request(
-        self, head: bytes, body: bytes | list[bytes | memoryview], timeout: float
-    ) -> tuple[int, dict[str, str], bytearray]:
-        if self.sock is None:
-            self.open()
-        else:
-            self.reused = True
-        self.sock.settimeout(timeout)
-        parts = [body] if isinstance(body, bytes | bytearray | memoryview) else body
-        if sum(len(p) for p in parts) <= 65536:  # one write for a small request
-            self.sock.sendall(b"".join([head, *parts]))
-        else:  # large parts go out from their own memory, not joined into a copy
-            if len(parts[0]) > 65536:
-                self.sock.sendall(head)
-                self.sock.sendall(parts[0])
-            else:
-                self.sock.sendall(head + parts[0])
-            for part in parts[1:]:
-                self.sock.sendall(part)
-        return self._read_response()
-
-    def _read_response(self) -> tuple[int, dict[str, str], bytearray]:
-        r = self.reader
-        line = r.readline(65537)
-        if not line:
-            raise ConnectionResetError("server closed the connection")
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-            raise ConnectionError(f"bad status line {line[:80]!r}")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        while True:
-            h = r.readline(65537)
-            if h in (b"\r\n", b"\n", b""):
-                break
-            k, _, v = h.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = bytearray()
-            while True:
-                size = int(r.readline(65537).split(b";")[0], 16)
-                if size == 0:
-                    while r.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                body += r.read(size)
-                r.readline(65537)
-        else:
-            n = int(headers.get("content-length", "0"))
-            body = bytearray(n)
-            view, got = memoryview(body), 0
-            while got < n:
-                k = r.readinto(view[got:])
-                if not k:
-                    raise ConnectionResetError("connection closed in the middle of a response")
-                got += k
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, headers, body
-
-
-class CorrectionClient:
+class CorrectionClient(Degradation):
     """Client for one model of a correction service.
 
     ``correct(state)`` returns the correction (tendency, state units per unit
@@ -188,44 +87,33 @@ class CorrectionClient:
         binary: bool = True,
         failure_threshold: int = 3,
         cooldown_s: float = 2.0,
+        transport: TransportName = "socket",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        if degrade not in POLICIES:
-            raise ValueError(f"degrade must be one of {POLICIES}, got {degrade!r}")
+        self._init_degradation(degrade, failure_threshold, cooldown_s)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"service URL must be http(s)://host[:port], got {url!r}")
         self.url = url.rstrip("/")
         self.model, self.version = model, version
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.degrade, self.binary = degrade, binary
-        self.failure_threshold, self.cooldown_s = failure_threshold, cooldown_s
+        self.binary = binary
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
-        self._conn = _Connection(parts.hostname, port, tls, connect_timeout)
+        self._conn = make_transport(
+            transport, parts.hostname, port, tls, connect_timeout, ssl_context
+        )
         self._prefix = parts.path.rstrip("/")
-        host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{port}"
-        self._base_headers = f"Host: {host_header}\r\nUser-Agent: mecs-client\r\n"
+        self._base_headers = [("User-Agent", "mecs-client")]
         if api_key:
-            self._base_headers += f"Authorization: Bearer {api_key}\r\n"
+            self._base_headers.append(("Authorization", f"Bearer {api_key}"))
         name = quote(model, safe="")
         tail = f"/versions/{int(version)}" if version is not None else ""
         self._infer_path = f"{self._prefix}/v2/models/{name}{tail}/infer"
-        self.degraded_steps = 0
-        self._unreported = 0
         self.calls = 0
-        self.failures = 0
-        self.consecutive_failures = 0
-        self._open_until = 0.0
-        self.last_error: Exception | None = None
         self.last_result: InferResult | None = None
 
     # -- plumbing --------------------------------------------------------------------
-    def _head(self, method: str, path: str, headers: dict[str, str], length: int) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1\r\n", self._base_headers]
-        lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
-        lines.append(f"Content-Length: {length}\r\n\r\n")
-        return "".join(lines).encode("latin-1")
-
     def _send(
         self,
         method: str,
@@ -235,8 +123,8 @@ class CorrectionClient:
         idempotent: bool = True,
         timeout: float | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:
-        size = len(body) if isinstance(body, bytes) else sum(len(p) for p in body)
-        head = self._head(method, path, headers or {}, size)
+        parts = [body] if isinstance(body, bytes | bytearray | memoryview) else body
+        head = [*self._base_headers, *(headers or {}).items()]
         attempts = 1 + (self.retries if idempotent else 0)
         delay = self.backoff
         last: Exception | None = None
@@ -246,25 +134,31 @@ class CorrectionClient:
                 delay *= 2
             try:
                 try:
-                    status, h, data = self._conn.request(head, body, timeout or self.timeout)
+                    status, h, data = self._conn.request(
+                        method, path, head, parts, timeout or self.timeout
+                    )
                 except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
                     if not self._conn.reused:
                         raise
                     # the server closed an idle keep-alive connection: reopen once, free
                     self._conn.close()
-                    status, h, data = self._conn.request(head, body, timeout or self.timeout)
+                    status, h, data = self._conn.request(
+                        method, path, head, parts, timeout or self.timeout
+                    )
             except (OSError, ValueError) as err:  # refused, reset, timeout, garbage
                 self._conn.close()
                 kind = "timed out" if isinstance(err, TimeoutError) else "unreachable"
                 last = ServiceUnavailable(f"{method} {self.url}{path}: service {kind}: {err}")
                 continue
             if status in (502, 503, 504):
-                last = ServiceUnavailable(f"{method} {path}: {status} {_message(data)}", status)
+                last = ServiceUnavailable(
+                    f"{method} {path}: {status} {error_message(data)}", status
+                )
                 continue
             if status >= 500:
-                raise ServiceUnavailable(f"{method} {path}: {status} {_message(data)}", status)
+                raise ServiceUnavailable(f"{method} {path}: {status} {error_message(data)}", status)
             if status >= 400:
-                raise RequestRejected(f"{method} {path}: {status} {_message(data)}", status)
+                raise RequestRejected(f"{method} {path}: {status} {error_message(data)}", status)
             return status, h, data
         raise last  # type: ignore[misc]
 
@@ -365,42 +259,6 @@ class CorrectionClient:
         self.last_result = result
         return result
 
-    def correct(self, state: np.ndarray, dt: float | None = None) -> np.ndarray:
-        """The correction for ``state``, or the degradation policy's answer on failure."""
-        now = time.monotonic()
-        if now < self._open_until:
-            return self._degraded(
-                state, ServiceUnavailable("circuit open after repeated failures; not calling")
-            )
-        try:
-            result = self.infer(state, dt=dt)
-        except (ServiceUnavailable, RequestRejected) as err:
-            # a 4xx is the caller's bug and raises, except a 404 for a model that
-            # answered before: it was unloaded, an outage like any other
-            if isinstance(err, RequestRejected) and not (
-                err.status == 404 and self.last_result is not None
-            ):
-                raise
-            self.failures += 1
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.failure_threshold:
-                self._open_until = time.monotonic() + self.cooldown_s
-            return self._degraded(state, err)
-        self.consecutive_failures = 0
-        return result.correction
-
-    def _degraded(self, state: np.ndarray, err: ServiceError) -> np.ndarray:
-        self.last_error = err
-        if self.degrade == "raise":
-            raise err
-        self.degraded_steps += 1
-        self._unreported += 1
-        arr = np.asarray(state)
-        last = self.last_result
-        if self.degrade == "last" and last is not None and last.correction.shape == arr.shape:
-            return last.correction.astype(arr.dtype, copy=True)
-        return np.zeros_like(arr)
-
     def close(self) -> None:
         self._conn.close()
 
@@ -420,10 +278,3 @@ def _server_timing(value: str) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[name] = float(rest[4:])
     return out
-
-
-def _message(data: bytes) -> str:
-    try:
-        return str(json.loads(data).get("error", "")) or data[:200].decode("latin-1")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return bytes(data[:200]).decode("latin-1", "replace")

@@ -1,0 +1,108 @@
+"""Old commit against new, interleaved: ``bench/service.py`` run alternately on both trees.
+
+Usage: ``python bench/compare.py --baseline REF [--pairs 2] [-- service.py args]``.
+``REF`` is a git revision (checked out into a temporary worktree) or a directory
+holding another checkout. The two trees take turns (old, new, old, new, ...) so that
+both see the same machine; the report gives each figure's median over the runs and
+the ratio new / old, and is written to ``bench/results/compare.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: (path in service.json's results, lower is better)
+FIGURES = {
+    "single_call.http_binary.p50_us": True,
+    "single_call.http_binary.p99_us": True,
+    "single_call.http_floor_health_live.p50_us": True,
+    "single_call.client_cpu_us_per_call": True,
+    "one_request_40_members.requests_per_s": False,
+    "callers_40_batched.requests_per_s": False,
+    "callers_40_unbatched.requests_per_s": False,
+    "callers_40_batched_torchscript.requests_per_s": False,
+    "callers_40_unbatched_torchscript.requests_per_s": False,
+    "state_4mb.binary.round_trip_ms": True,
+}
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _run(tree: Path, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(tree / "bench" / "service.py"), "--out", str(out), *extra]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=tree, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["results"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="git revision or checkout directory")
+    parser.add_argument("--pairs", type=int, default=2, help="old/new runs each")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare.json"))
+    parser.add_argument("extra", nargs="*", help="arguments for bench/service.py (after --)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(args.baseline)
+        worktree = None
+        if not old.is_dir():
+            worktree = Path(tmp) / "baseline"
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(worktree), args.baseline],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            old = worktree
+        try:
+            runs: dict[str, list[dict]] = {"old": [], "new": []}
+            for i in range(args.pairs):
+                for label, tree in (("old", old), ("new", ROOT)):
+                    out = Path(tmp) / f"{label}-{i}.json"
+                    runs[label].append(_run(tree, out, args.extra))
+        finally:
+            if worktree is not None:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False
+                )
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    table = {}
+    for figure, lower_better in FIGURES.items():
+        vals = {k: [_get(r, figure) for r in v] for k, v in runs.items()}
+        if any(x is None for xs in vals.values() for x in xs):
+            continue
+        o, n = statistics.median(vals["old"]), statistics.median(vals["new"])
+        table[figure] = {
+            "old": vals["old"],
+            "new": vals["new"],
+            "median_old": o,
+            "median_new": n,
+            "new_over_old": round(n / o, 3) if o else None,
+            "new_not_worse_5pct": (n <= 1.05 * o) if lower_better else (n >= 0.95 * o),
+        }
+        print(f"{figure:50s} old {o:10.1f}  new {n:10.1f}  new/old {n / o:6.3f}")
+    report = {"bench": "compare", "baseline": args.baseline, "new": rev, "figures": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The Python client of the correction service (numpy and the standard library only).
+
+``transport`` holds the HTTP connection, ``degradation`` the breaker and the
+``raise``/``zero``/``last`` policies, ``client`` the protocol calls.
+"""
+
+from __future__ import annotations
+
+from .client import CorrectionClient, InferResult
+from .degradation import POLICIES, Policy
+from .transport import (
+    TRANSPORTS,
+    HttpClientTransport,
+    RequestRejected,
+    ServiceError,
+    ServiceUnavailable,
+    SocketTransport,
+    make_transport,
+)
+
+__all__ = [
+    "POLICIES",
+    "TRANSPORTS",
+    "CorrectionClient",
+    "HttpClientTransport",
+    "InferResult",
+    "Policy",
+    "RequestRejected",
+    "ServiceError",
+    "ServiceUnavailable",
+    "SocketTransport",
+    "make_transport",
+]
