@@ -8,17 +8,20 @@ import torch
 from support import make_l96_model
 
 from correction import artifacts
+from correction.corrections import NetworkCorrection
 from correction.emulator import Emulator
 from correction.hosts import BlackBoxHost, HostGradientError, Lorenz96
 from correction.inference import Corrector
 from correction.layout import ModelLayout
+from correction.rollout import Gradient
 from correction.training.emulator import EmulatorConfig, tangent_error, train_emulator
 from correction.training.finetune import (
     MODES,
+    STRATEGIES,
     FinetuneConfig,
-    Unroller,
     finetune,
-    training_loss,
+    make_strategy,
+    split_windows,
 )
 from data_pipeline.stores import open_zarr
 
@@ -104,13 +107,19 @@ def test_each_mode_lowers_its_own_loss(mode, repository, analyses, emulator_path
     model, _ = artifacts.load(artifacts.resolve(repository, "l96").path)
     corrector = Corrector.load(repository, "l96")
     emu = Emulator.load(emulator_path)
-    unroller = Unroller(
-        mode, model, corrector, host, 5, emu, Lorenz96() if mode == "differentiable" else None
+    strategy = make_strategy(
+        mode,
+        NetworkCorrection(model, corrector.layout, trainable=True),
+        host,
+        5,
+        emu,
+        Lorenz96() if mode == "differentiable" else None,
+        0.1,
     )
     a = torch.from_numpy(analyses)
     starts = np.arange(0, 120, 4 if mode != "sip" else 30)  # sip's Jacobians cost more
     clim_var = float(a.var())
-    loss = lambda: training_loss(unroller, a, starts, 2, model.out_std, 0.1, clim_var)  # noqa: E731
+    loss = lambda: strategy.loss(a, starts, 2, model.out_std, clim_var)  # noqa: E731
     before = loss().item()
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(6 if mode == "sip" else 15):
@@ -128,21 +137,16 @@ def test_each_mode_lowers_its_own_loss(mode, repository, analyses, emulator_path
 def test_black_box_host_cannot_silently_give_gradients(repository, analyses):
     """Differentiating through a black-box host fails loudly instead of training on zeros."""
     model, _ = artifacts.load(artifacts.resolve(repository, "l96").path)
-    unroller = Unroller(
-        "differentiable",
-        model,
-        Corrector.load(repository, "l96"),
-        StrictHost(),
-        5,
-        None,
-        torch_host=Lorenz96(),
-    )
-    unroller.torch_host = BlackBoxHost.wrap(Lorenz96())
+    net = NetworkCorrection(model, LAYOUT, trainable=True)
+    strategy = make_strategy("differentiable", net, StrictHost(), 5, None, torch_host=Lorenz96())
+    strategy.torch_host = BlackBoxHost.wrap(Lorenz96())
     x = torch.from_numpy(analyses[:4]).requires_grad_()
     with pytest.raises(HostGradientError):
-        unroller.interval(x)
+        strategy.interval(x)
     with pytest.raises(ValueError, match="needs an emulator"):
-        Unroller("hybrid", model, Corrector.load(repository, "l96"), StrictHost(), 5)
+        make_strategy("hybrid", net, StrictHost(), 5)
+    with pytest.raises(ValueError, match="needs a host written in torch"):
+        make_strategy("differentiable", net, StrictHost(), 5, torch_host=StrictHost())
 
 
 def test_finetune_publishes_version_with_lineage(repository, analyses, emulator_path):
@@ -167,7 +171,16 @@ def test_finetune_publishes_version_with_lineage(repository, analyses, emulator_
     assert config["parent"] == {"name": "l96", "version": 1}
     assert config["training"]["mode"] == "hybrid"
     assert config["training"]["emulator"] == str(emulator_path.absolute())
-    assert config["metrics"]["val_loss_a_posteriori"] <= config["metrics"]["val_loss_before"]
+    # the recorded figure is the published weights' own: recomputed from the new
+    # version on the validation windows, with the real host's values
+    _, val_starts = split_windows(200, cfg)
+    published, _ = artifacts.load(result.version.path)
+    a = torch.from_numpy(analyses)
+    check = make_strategy("unrolled", NetworkCorrection(published, LAYOUT), Lorenz96(), 5)
+    recomputed = check.validation_loss(a, val_starts, cfg.max_unroll, float(a[:200].var()))
+    assert recomputed == pytest.approx(config["metrics"]["val_loss_a_posteriori"], rel=1e-6)
+    best = min(h["val_loss"] for h in config["training"]["history"])
+    assert config["metrics"]["val_loss_a_posteriori"] == pytest.approx(best, rel=1e-12)
     assert Corrector.load(repository, "l96").version == 2
 
 
@@ -179,3 +192,15 @@ def test_curriculum_and_config_validation():
         FinetuneConfig(mode="magic")
     with pytest.raises(ValueError, match="unknown finetune setting"):
         FinetuneConfig.from_dict({"unrol": 3})
+
+
+def test_modes_are_registered_strategies_with_their_gradient_policy():
+    """The mode name picks a registered strategy; its rollout policy is what it says."""
+    assert MODES == ("one-step", "unrolled", "emulator", "hybrid", "differentiable", "sip")
+    policies = {name: cls.gradient for name, cls in STRATEGIES.items()}
+    assert policies["unrolled"] is Gradient.TRUNCATED
+    assert policies["emulator"] is Gradient.SURROGATE
+    assert policies["hybrid"] is Gradient.STRAIGHT_THROUGH
+    assert policies["differentiable"] is Gradient.FULL
+    with pytest.raises(ValueError, match="unknown mode 'nope'"):
+        make_strategy("nope", None, Lorenz96(), 5)

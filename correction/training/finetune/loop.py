@@ -1,0 +1,157 @@
+"""The fine-tuning loop: windows, optimiser, validation, best weights, publication."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from correction import artifacts
+from correction.corrections import NetworkCorrection
+from correction.emulator import Emulator
+from correction.hosts import BlackBoxHost, HostModel
+from correction.inference import Corrector
+
+from .config import FinetuneConfig
+from .strategies import make_strategy
+
+
+@dataclass
+class FinetuneResult:
+    version: artifacts.ModelVersion
+    history: list[dict[str, float]]
+    best_val: float
+    host_calls: int
+    wall_time: float
+
+
+def _windows(n_times: int, lo: int, hi: int, unroll: int) -> np.ndarray:
+    """Start indices in ``[lo, hi)`` whose ``unroll`` following analyses stay below hi."""
+    return np.arange(lo, max(lo, hi - unroll))
+
+
+def split_windows(train_end: int, cfg: FinetuneConfig) -> tuple[int, np.ndarray]:
+    """``(train_hi, validation starts)``: training windows start below ``train_hi``.
+
+    The last ``val_fraction`` of the analyses before ``train_end`` validate, with a
+    gap of ``max_unroll`` so that no training window overlaps them; at most
+    ``val_windows`` evenly spaced validation windows are used.
+    """
+    n_val = max(int(train_end * cfg.val_fraction), cfg.max_unroll + 1)
+    val_lo = train_end - n_val
+    train_hi = val_lo - cfg.max_unroll  # a gap so windows do not overlap validation
+    if train_hi <= cfg.max_unroll + 1:
+        raise ValueError(f"too few analyses ({train_end}) for unroll {cfg.max_unroll}")
+    val_starts = _windows(train_end, val_lo, train_end, cfg.max_unroll)
+    pick = np.linspace(0, len(val_starts) - 1, min(cfg.val_windows, len(val_starts)))
+    return train_hi, val_starts[pick.astype(int)]
+
+
+def finetune(
+    repository: str | Path,
+    name: str,
+    analyses: np.ndarray,
+    host: HostModel,
+    cfg: FinetuneConfig,
+    steps_per_interval: int,
+    train_end: int,
+    from_version: int | None = None,
+    emulator_path: str | Path | None = None,
+    torch_host: HostModel | None = None,
+    data_ref: str | None = None,
+    progress: bool = True,
+    publish_as: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``name`` (newest or ``from_version``) and publish a new version.
+
+    ``analyses`` ``[T, *state]`` at consecutive analysis times; only indices before
+    ``train_end`` are used (the last ``val_fraction`` of them for validation).
+    ``host`` is called forward only unless the mode is ``differentiable``.
+    """
+    t0 = time.perf_counter()
+    parent = Corrector.load(repository, name, from_version)
+    model, _ = artifacts.load(artifacts.resolve(repository, name, parent.version).path)
+    model.train()
+    emulator = Emulator.load(emulator_path) if emulator_path else None
+    black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
+    strategy = make_strategy(
+        cfg.mode,
+        NetworkCorrection(model, parent.layout, trainable=True),
+        black_box,
+        steps_per_interval,
+        emulator,
+        torch_host,
+        cfg.sip_damping,
+    )
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    a = torch.from_numpy(np.asarray(analyses, dtype=np.float64))
+    train_hi, val_starts = split_windows(train_end, cfg)
+    clim_var = float(a[:train_end].var())
+    out_std = model.out_std.detach().clone()
+
+    def val_loss() -> float:
+        model.eval()
+        v = strategy.validation_loss(a, val_starts, cfg.max_unroll, clim_var)
+        model.train()
+        return v
+
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    calls_before = black_box.calls if hasattr(black_box, "calls") else 0
+    history = [{"iteration": 0, "val_loss": val_loss()}]
+    best_val = history[0]["val_loss"]
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    bar = tqdm(
+        range(1, cfg.iterations + 1),
+        desc=f"finetune {cfg.mode}",
+        disable=not progress,
+        mininterval=0.5,
+    )
+    for it in bar:
+        n = cfg.unroll_at(it - 1)
+        starts = rng.choice(_windows(len(a), 0, train_hi, n), cfg.batch_size)
+        loss = strategy.loss(a, starts, n, out_std, clim_var)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optim.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", unroll=n, refresh=False)
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            v = val_loss()
+            history.append({"iteration": it, "train_loss": loss.item(), "val_loss": v, "unroll": n})
+            if v < best_val:
+                best_val = v
+                best_state = {k: t.clone() for k, t in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    host_calls = (black_box.calls if hasattr(black_box, "calls") else 0) - calls_before
+    config = dict(parent.config)
+    for key in ("name", "version", "weights_sha256", "published_at"):
+        config.pop(key, None)
+    config["training"] = {
+        "stage": "finetune",
+        "mode": cfg.mode,
+        "settings": dataclasses.asdict(cfg),
+        "data": data_ref,
+        "emulator": str(Path(emulator_path).absolute()) if emulator_path else None,
+        "host": host.name,
+        "history": history,
+        "pretraining": parent.config.get("training", {}).get("stage"),
+    }
+    config["parent"] = {"name": parent.name, "version": parent.version}
+    config["metrics"] = {
+        "val_loss_a_posteriori": best_val,
+        "val_loss_before": history[0]["val_loss"],
+        "val_unroll": cfg.max_unroll,
+    }
+    mv = artifacts.publish(repository, publish_as or name, model, config)
+    return FinetuneResult(mv, history, best_val, host_calls, time.perf_counter() - t0)
+
+
+__all__ = ["FinetuneResult", "finetune", "split_windows"]
