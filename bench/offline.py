@@ -21,10 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, prepare, summary, write  # noqa: E402
 
-from correction.evaluation import Benchmark, evaluate  # noqa: E402
+from correction.evaluation import Benchmark, evaluate, fit_polynomial  # noqa: E402
 from correction.inference import Corrector  # noqa: E402
 from correction.training.pretrain import PretrainConfig, pretrain  # noqa: E402
-from mecs.commands.evaluate import fit_polynomial  # noqa: E402
 
 NETWORKS = {
     "column-mlp": {},

@@ -27,14 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, RESULTS, prepare, summary, write  # noqa: E402
 
-from correction.evaluation import Benchmark, evaluate  # noqa: E402
-from correction.hosts import Lorenz96  # noqa: E402
+from correction.evaluation import Benchmark, evaluate, fit_polynomial  # noqa: E402
 from correction.inference import Corrector  # noqa: E402
-from correction.layout import ModelLayout  # noqa: E402
 from correction.training.emulator import train_emulator  # noqa: E402
 from correction.training.finetune import MODES, FinetuneConfig, finetune  # noqa: E402
 from correction.training.pretrain import PretrainConfig, pretrain  # noqa: E402
-from mecs.commands.evaluate import fit_polynomial  # noqa: E402
+from data_pipeline.benchmarks import L96Benchmark  # noqa: E402
 
 LABELS = ("none", "poly3", "offline", *MODES, "limit")
 
@@ -51,8 +49,7 @@ def run_preset(
     bench = Benchmark.open(synth)
     poly = fit_polynomial(inc)
     train_end = int(np.sum(bench.times < bench.test_start))
-    host = Lorenz96(K=cfg.K, F=cfg.host_F, dt=cfg.dt_host)
-    layout = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": cfg.K}, {"X": "1"})
+    host, layout = L96Benchmark(cfg).host(), L96Benchmark(cfg).layout()
     work = DATA / f"online-{preset}-{analysis}"
     shutil.rmtree(work, ignore_errors=True)
     t = time.perf_counter()

@@ -17,13 +17,18 @@ import torch
 import xarray as xr
 
 from . import artifacts
+from .corrections import Correction, NetworkCorrection
 from .hosts import HostModel, to_tensor
 from .layout import ModelLayout
 from .networks import CorrectionModel
+from .rollout import rollout
 
 
-class Corrector:
-    """A loaded correction model with its layout, statistics and provenance."""
+class Corrector(Correction):
+    """A loaded correction model with its layout, statistics and provenance.
+
+    A :class:`~correction.corrections.Correction`: ``tendency`` is :meth:`forward`.
+    """
 
     def __init__(
         self,
@@ -41,6 +46,7 @@ class Corrector:
         self.in_mean = np.asarray(norm["in_mean"], dtype=np.float64)
         self.in_std = np.asarray(norm["in_std"], dtype=np.float64)
         self.out_std = np.asarray(norm["out_std"], dtype=np.float64)
+        self.network = NetworkCorrection(self.model, self.layout)
 
     @classmethod
     def load(cls, repository: str | Path, name: str, version: int | None = None) -> Corrector:
@@ -62,10 +68,11 @@ class Corrector:
     def forward(self, state: torch.Tensor, forcings: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``[B, *state_shape]`` -> correction of the same shape (no grad)."""
         self.layout.check_state(state)
-        dtype = self.model.in_mean.dtype
         with torch.no_grad():
-            y = self.model(self.layout.pack(state.to(dtype)), forcings)
-        return self.layout.unpack(y).to(state.dtype)
+            return self.network.tendency(state, forcings)
+
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
 
     def __call__(self, state, forcings=None):
         """Correction for a numpy array, tensor or Dataset, returned as the same kind.
@@ -143,8 +150,6 @@ class CorrectedHost:
         is_numpy = not isinstance(x, torch.Tensor)
         xt = to_tensor(x)
         batch = xt.reshape(-1, *self.state_shape)
-        with torch.no_grad():
-            nxt = to_tensor(self.host.step(batch)).to(xt.dtype)
-            nxt = nxt + self.dt * self.corrector.forward(batch)
-        out = nxt.reshape(xt.shape)
+        nxt = rollout(self.host, self.corrector, batch, 1)
+        out = to_tensor(nxt).to(xt.dtype).reshape(xt.shape)
         return out.numpy() if is_numpy else out

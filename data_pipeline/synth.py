@@ -22,8 +22,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from correction.hosts import Lorenz96, Lorenz96TwoScale
-
+from .benchmarks import L96Benchmark
 from .config import BenchmarkConfig
 from .letkf import gaussian_localization, letkf_update
 from .stores import staged_directory, write_zarr
@@ -45,14 +44,6 @@ class SynthResult:
     wall_time: float
 
 
-def truth_model(cfg: BenchmarkConfig) -> Lorenz96TwoScale:
-    return Lorenz96TwoScale(K=cfg.K, J=cfg.J, F=cfg.F, h=cfg.h, b=cfg.b, c=cfg.c, dt=cfg.dt_truth)
-
-
-def host_model(cfg: BenchmarkConfig) -> Lorenz96:
-    return Lorenz96(K=cfg.K, F=cfg.host_F, dt=cfg.dt_host)
-
-
 def run_truth(
     cfg: BenchmarkConfig, rng: np.random.Generator, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +52,7 @@ def run_truth(
     Returns the spin-up climatology of X (for the initial ensemble) and the
     trajectory ``[n_times, K + K*J]`` (float64).
     """
-    model = truth_model(cfg)
+    model = L96Benchmark(cfg).truth_model()
     x0 = cfg.F + rng.standard_normal(cfg.K)
     y0 = 0.1 * rng.standard_normal((cfg.K, cfg.J))
     state = model.join(torch.from_numpy(x0), torch.from_numpy(y0))
@@ -88,7 +79,7 @@ def run_letkf(
     progress: bool = True,
 ) -> np.ndarray:
     """Analysis means at every observation time, cycling the host model."""
-    host = host_model(cfg)
+    host = L96Benchmark(cfg).host()
     per_obs = cfg.steps_per(cfg.obs_interval, cfg.dt_host, "obs_interval", "dt_host")
     loc = gaussian_localization(cfg.K, cfg.localization)
     if len(climatology) < cfg.members:
@@ -117,7 +108,7 @@ def run_letkf(
 
 def host_forecasts(cfg: BenchmarkConfig, init: np.ndarray, lead_max: float) -> np.ndarray:
     """Host forecasts ``[n_init, n_lead, K]`` every ``obs_interval`` up to ``lead_max``."""
-    host = host_model(cfg)
+    host = L96Benchmark(cfg).host()
     per_obs = cfg.steps_per(cfg.obs_interval, cfg.dt_host, "obs_interval", "dt_host")
     n_lead = cfg.steps_per(lead_max, cfg.obs_interval, "lead_max", "obs_interval") + 1
     out = np.empty((init.shape[0], n_lead, cfg.K))
@@ -188,7 +179,7 @@ def generate(
     with staged_directory(out, overwrite=overwrite) as stage:
         climatology, truth = run_truth(cfg, rng_truth, progress)
         x_true = truth[:, : cfg.K]
-        obs = x_true + cfg.obs_sigma * rng_obs.standard_normal(x_true.shape)
+        obs = L96Benchmark(cfg).observe(x_true, rng_obs)
         if cfg.analysis == "letkf":
             analyses = run_letkf(cfg, obs, climatology, rng_ens, progress)
         else:

@@ -197,17 +197,21 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     """Run the chain and write ``out/report.md``; returns the exit code."""
     import torch
 
-    from correction.evaluation import Benchmark, clean_for_json, evaluate, write_plots
-    from correction.hosts import Lorenz96
+    from correction.evaluation import (
+        Benchmark,
+        clean_for_json,
+        evaluate,
+        fit_polynomial,
+        write_plots,
+    )
     from correction.inference import Corrector
-    from correction.layout import ModelLayout
     from correction.training.emulator import EmulatorConfig, train_emulator
     from correction.training.finetune import FinetuneConfig, finetune
     from correction.training.pretrain import PretrainConfig, pretrain
     from data_pipeline import build_increments
+    from data_pipeline.benchmarks import L96Benchmark
     from data_pipeline.config import load_config
     from data_pipeline.synth import generate
-    from mecs.commands.evaluate import fit_polynomial
     from mecs.report import write_report
 
     torch.set_num_threads(1)  # small tensors: threads cost more than they give on 2 cores
@@ -251,8 +255,7 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
 
     bench = Benchmark.open(synth_dir)
     train_end = int(sum(bench.times < bench.test_start))
-    layout = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": cfg.K}, {"X": "1"})
-    host = Lorenz96(K=cfg.K, F=cfg.host_F, dt=cfg.dt_host)
+    layout, host = L96Benchmark(cfg).layout(), L96Benchmark(cfg).host()
 
     def emulator() -> None:
         _, m = train_emulator(

@@ -31,11 +31,11 @@ import numpy as np
 
 from correction import artifacts
 from correction.artifacts import ArtifactError
+from correction.guardrails import GuardedCorrector
 from correction.inference import Corrector
 
 from .batching import Batcher, BatchResult, Traffic
 from .errors import ServiceError
-from .guardrails import GuardedCorrector
 from .metrics import ServiceMetrics
 from .protocol import DTYPE_NAMES
 from .settings import ServiceSettings

@@ -8,12 +8,14 @@ import torch
 import xarray as xr
 from support import metric_value
 
+from correction.forecast import run_forecast
+from correction.guardrails import GuardedCorrection
 from correction.hosts import Lorenz96, integrate
 from correction.inference import Corrector
 from data_pipeline.stores import open_zarr, write_zarr
 from mecs.cli import main
 from service.client import CorrectionClient
-from service.forecast import LocalCorrection, ServiceCorrection, run_forecast
+from service.remote import RemoteCorrection
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def test_local_correction_matches_corrected_host(l96_repository):
     corr = Corrector.load(l96_repository, "l96")
     host = Lorenz96()
     x0 = 8 + np.random.default_rng(3).normal(size=(3, 36))
-    res = run_forecast(host, x0, 10, LocalCorrection(corr), output_every=5)
+    res = run_forecast(host, x0, 10, GuardedCorrection(corr), output_every=5)
     assert list(res.steps) == [0, 5, 10] and res.states.shape == (3, 3, 36)
     stepped = corr.compose(host)
     x = torch.from_numpy(x0)
@@ -113,7 +115,7 @@ def test_forecast_degrades_to_host_only_when_service_is_down(start_server, l96_r
     client = CorrectionClient(server.url, "l96", degrade="zero", retries=0)
     server.stop()
     x0 = 8 + np.random.default_rng(4).normal(size=(2, 36))
-    res = run_forecast(Lorenz96(), x0, 5, ServiceCorrection(client))
+    res = run_forecast(Lorenz96(), x0, 5, RemoteCorrection(client))
     np.testing.assert_allclose(res.states[-1], integrate(Lorenz96(), x0, 5), rtol=1e-12)
     assert res.degraded_steps == 5 and res.stats["degraded_steps"] == 5
 

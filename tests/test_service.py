@@ -607,7 +607,7 @@ def test_dependency_rule():
 
     code = (
         "import sys, service.client; assert 'torch' not in sys.modules, 'client pulled torch'\n"
-        "import service.app, service.forecast, service.server\n"
+        "import service.app, service.remote, service.server\n"
         "bad = [m for m in sys.modules if m.startswith(('correction.training', "
         "'correction.emulator', 'data_pipeline'))]\n"
         "assert not bad, bad\n"

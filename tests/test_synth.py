@@ -72,10 +72,10 @@ def test_store_schema(tiny_synth, tiny_config):
 
 
 def test_forecasts_are_host_runs(tiny_synth, tiny_config):
-    from data_pipeline.synth import host_model
+    from data_pipeline.benchmarks import L96Benchmark
 
     fc = open_zarr(tiny_synth / "forecasts_archive.zarr")["X"].isel(init_time=slice(0, 3))
-    host = host_model(tiny_config)
+    host = L96Benchmark(tiny_config).host()
     x = fc.isel(lead_time=0).values.astype(np.float64)
     for _ in range(5):  # one observation interval
         x = host.step(x)

@@ -38,6 +38,7 @@ def load_analyses(path: str | Path, variable: str = "X") -> AnalysisData:
     """A ``mecs synth`` directory, or an analyses store (zarr or netCDF)."""
     import xarray as xr
 
+    from data_pipeline.benchmarks import L96Benchmark
     from data_pipeline.stores import open_zarr
 
     path = Path(path)
@@ -48,7 +49,7 @@ def load_analyses(path: str | Path, variable: str = "X") -> AnalysisData:
         store = path / "analyses.zarr"
         summary = json.loads((path / "config.json").read_text())
         c = summary["config"]
-        host_params = {"K": c["K"], "F": c["host_F"], "dt": c["dt_host"]}
+        host_params = L96Benchmark.of(c).host_params()
         test_start = float(summary["test_start"])
     if not store.exists():
         raise UsageError(f"analyses {path} do not exist")

@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
         Benchmark,
         clean_for_json,
         evaluate,
+        fit_polynomial,
         write_plots,
     )
     from correction.inference import Corrector
@@ -53,16 +54,6 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"evaluate: wrote {out.resolve() / 'metrics.json'} and {len(plots)} plots")
     return 0
-
-
-def fit_polynomial(increments: str | Path):
-    """Cubic of local X fitted to the training split of an increment store."""
-    from correction.evaluation import PolynomialCorrection
-    from correction.training.data import IncrementSource
-
-    source = IncrementSource.open(increments)
-    x, y = source.read_indices(source.indices("train"))
-    return PolynomialCorrection.fit(x, y)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -91,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import xarray as xr
 
+    from correction.forecast import run_forecast
+    from correction.guardrails import GuardedCorrection
     from correction.hosts import make_host
     from data_pipeline.stores import OutputExistsError, staged_directory, write_zarr
-    from service.forecast import LocalCorrection, ServiceCorrection, run_forecast
+    from service.remote import RemoteCorrection
 
     if args.steps < 1 or args.members < 1 or args.output_every < 1:
         raise UsageError("mecs forecast: --steps, --members and --output-every must be >= 1")
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 retries=args.retries,
                 degrade=args.degrade,
             )
-            source = ServiceCorrection(client, dt=host.dt)
+            source = RemoteCorrection(client, dt=host.dt)
             variables = source.variables()
         except (ValueError, ServiceError) as err:
             raise UsageError(f"mecs forecast: service {args.service}: {err}") from None
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             corrector = Corrector.load(args.repository, args.model, args.version)
         except ArtifactError as err:
             raise UsageError(f"mecs forecast: {err}") from None
-        source = LocalCorrection(
+        source = GuardedCorrection(
             corrector,
             cap_std=args.cap_std or None,
             ood_threshold_std=args.ood_std,

@@ -13,10 +13,13 @@ the same numbers):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from correction.inference import Corrector
-from correction.runtime import build_runtime, model_dtype
+from .corrections import Correction
+from .inference import Corrector
+from .runtime import build_runtime, model_dtype
 
 
 class Guardrails:
@@ -110,3 +113,46 @@ class GuardedCorrector:
         n = state.shape[0]
         y = self.runtime(state.reshape(n, *self.packed), forcings)
         return self.guard.apply(state, y.reshape(state.shape))
+
+
+class GuardedCorrection(Correction):
+    """A corrector in this process, with the service's runtime and guardrails.
+
+    The in-process side of a coupled forecast: the same forward path as the
+    service (:class:`GuardedCorrector`), so a run over HTTP equals a run in process.
+    Counts the samples flagged out of distribution and the values capped.
+    """
+
+    def __init__(
+        self,
+        corrector: Corrector,
+        cap_std: float | None = 10.0,
+        ood_threshold_std: float = 6.0,
+        runtime: str = "onnxruntime",
+    ) -> None:
+        self.corrector = corrector
+        # one model, one steady state size: ONNX Runtime's memory arena pays here
+        self.forward = GuardedCorrector(corrector, cap_std, ood_threshold_std, runtime, arena=True)
+        self.dtype = self.forward.dtype
+        self.version = int(corrector.version) if corrector.version is not None else None
+        self.name = corrector.name
+        self.ood_sample_steps = 0
+        self.capped_values = 0
+
+    @property
+    def description(self) -> str:
+        return f"in-process {self.corrector.name} v{self.version}"
+
+    def numpy(self, state: np.ndarray) -> np.ndarray:
+        self.corrector.layout.check_state(state)
+        corr, ood, capped = self.forward(np.ascontiguousarray(state, dtype=self.dtype))
+        self.ood_sample_steps += int(ood.sum())
+        self.capped_values += int(capped.sum())
+        return corr.astype(state.dtype)
+
+    def variables(self) -> list[dict[str, Any]]:
+        layout = self.corrector.layout
+        return [
+            {"name": f, "dims": list(layout.field_dims[f]), "units": layout.units.get(f, "1")}
+            for f in layout.fields
+        ]
