@@ -29,11 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from correction.storage import open_zarr, write_zarr
 
 GRID = {"level": 4, "lat": 32, "lon": 32}  # 16 KiB per time step
 LEADS = 3
@@ -69,29 +70,20 @@ def make_inputs(root: Path, n_times: int, seed: int = 0) -> tuple[Path, Path]:
         },
     )
     a_path, f_path = root / "analyses.zarr", root / "forecasts.zarr"
-    warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-    ana.to_zarr(
-        a_path, zarr_format=3, consolidated=True, encoding={"u": {"chunks": (512, *GRID.values())}}
-    )
-    fc.to_zarr(
-        f_path,
-        zarr_format=3,
-        consolidated=True,
-        encoding={"u": {"chunks": (256, LEADS, *GRID.values())}},
-    )
+    write_zarr(ana, a_path, encoding={"u": {"chunks": (512, *GRID.values())}})
+    write_zarr(fc, f_path, encoding={"u": {"chunks": (256, LEADS, *GRID.values())}})
     return a_path, f_path
 
 
 def input_mb(a_path: Path, f_path: Path) -> float:
-    return sum(xr.open_zarr(p)["u"].nbytes for p in (a_path, f_path)) / 1e6
+    return sum(open_zarr(p)["u"].nbytes for p in (a_path, f_path)) / 1e6
 
 
 def plain_copy(a_path: Path, f_path: Path, dest: Path, client) -> float:
     """Wall time of an xarray zarr-to-zarr copy of both inputs (same chunks)."""
     t = time.perf_counter()
     for p in (a_path, f_path):
-        ds = xr.open_zarr(p)
-        delayed = ds.to_zarr(dest / p.name, zarr_format=3, consolidated=True, compute=False)
+        delayed = write_zarr(open_zarr(p), dest / p.name, compute=False)
         client.compute(delayed).result()
     return time.perf_counter() - t
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from correction.storage import open_zarr
 from data_pipeline.config import load_config
-from data_pipeline.stores import open_zarr
 from data_pipeline.synth import generate
 
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +26,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from correction.version import __version__
-
 from .layout import ModelLayout
 from .networks import CorrectionModel
+from .storage import (
+    discard,
+    fsync_tree,
+    new_staging_path,
+    remove_stale_partials,
+    rename_exclusive,
+)
+from .version import __version__
 
 FORMAT = "mecs-model/1"
 WEIGHTS = "weights.safetensors"
@@ -145,7 +148,8 @@ def publish(
     """
     root = Path(repository) / check_name(name)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=root))
+    remove_stale_partials(root / "version")
+    tmp = new_staging_path(root / "version")
     try:
         body = dict(config)
         body.update(
@@ -161,18 +165,15 @@ def publish(
             )
             body["version"] = v
             (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-            with open(tmp / CONFIG, "rb+") as fh:
-                os.fsync(fh.fileno())
-            try:
-                os.rename(tmp, root / str(v))  # atomic; fails if the target exists
+            fsync_tree(tmp)
+            if rename_exclusive(tmp, root / str(v)):  # atomic; refused if the target exists
                 return ModelVersion(name, v, root / str(v))
-            except OSError:
-                if version is not None:
-                    raise ArtifactError(f"model '{name}' version {v} already exists") from None
+            if version is not None:
+                raise ArtifactError(f"model '{name}' version {v} already exists")
         raise ArtifactError(f"could not find a free version number for model '{name}'")
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
 
 
 def save(path: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> Path:
@@ -180,15 +181,17 @@ def save(path: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> Pa
     path = Path(path)
     if path.exists():
         raise ArtifactError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = new_staging_path(path)
     try:
         body = dict(config, weights_sha256=_write_weights(tmp, model))
         (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-        os.rename(tmp, path)
+        fsync_tree(tmp)
+        if not rename_exclusive(tmp, path):
+            raise ArtifactError(f"{path} already exists")
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
     return path
 
 

@@ -22,10 +22,11 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from correction.storage import staged_directory, write_zarr
+
 from .benchmarks import L96Benchmark
 from .config import BenchmarkConfig
 from .letkf import gaussian_localization, letkf_update
-from .stores import staged_directory, write_zarr
 
 STORE_DTYPE = np.float32
 CONVENTIONS = "CF-1.10"

@@ -371,7 +371,7 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
 
 
 def _forecast_figures(store: Path) -> dict[str, Any]:
-    from data_pipeline.stores import open_zarr
+    from correction.storage import open_zarr
 
     ds = open_zarr(store)
     keys = [k for k in ds.attrs if "latency" in k or "degraded" in k or k == "members"]

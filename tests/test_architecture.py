@@ -33,8 +33,8 @@ def test_import_contracts_are_kept():
 @pytest.mark.parametrize(
     ("module", "line"),
     [
-        ("correction/layout.py", "from data_pipeline import stores"),  # core -> pipeline
-        ("data_pipeline/stores.py", "from correction.training import pretrain"),
+        ("correction/storage.py", "from data_pipeline import synth"),  # core -> pipeline
+        ("data_pipeline/synth.py", "from correction.training import pretrain"),
         ("service/app.py", "from correction.training import finetune"),  # no training code
         ("service/client/transport.py", "import torch"),  # the client stays torch-free
     ],

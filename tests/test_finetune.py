@@ -14,6 +14,7 @@ from correction.hosts import BlackBoxHost, HostGradientError, Lorenz96
 from correction.inference import Corrector
 from correction.layout import ModelLayout
 from correction.rollout import Gradient
+from correction.storage import open_zarr
 from correction.training.emulator import EmulatorConfig, tangent_error, train_emulator
 from correction.training.finetune import (
     MODES,
@@ -23,7 +24,6 @@ from correction.training.finetune import (
     make_strategy,
     split_windows,
 )
-from data_pipeline.stores import open_zarr
 
 LAYOUT = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": 36}, {"X": "1"})
 

@@ -12,7 +12,7 @@ from correction.forecast import run_forecast
 from correction.guardrails import GuardedCorrection
 from correction.hosts import Lorenz96, integrate
 from correction.inference import Corrector
-from data_pipeline.stores import open_zarr, write_zarr
+from correction.storage import open_zarr, write_zarr
 from mecs.cli import main
 from service.client import CorrectionClient
 from service.remote import RemoteCorrection

@@ -19,6 +19,7 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from correction.storage import OutputExistsError, open_zarr
 from data_pipeline.increments import (
     MARKER,
     IncompleteStoreError,
@@ -34,7 +35,6 @@ from data_pipeline.increments import (
     read_stats,
     verify_increments,
 )
-from data_pipeline.stores import OutputExistsError, open_zarr
 from mecs.cli import main
 
 HERE = Path(__file__).parent

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from correction.storage import open_zarr
 from data_pipeline.config import BenchmarkConfig, ConfigError, load_config
 from data_pipeline.letkf import gaussian_localization, letkf_update
-from data_pipeline.stores import open_zarr
 from data_pipeline.synth import generate
 from mecs.cli import main
 

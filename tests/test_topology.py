@@ -487,7 +487,7 @@ def test_compose_topology_on_loopback(topology):
 
         # a coupled forecast through the api, with the client key
         job("forecast")
-        from data_pipeline.stores import open_zarr
+        from correction.storage import open_zarr
 
         fc = open_zarr(variables["MECS_FORECAST_OUT"])
         members, steps = (

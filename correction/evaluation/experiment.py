@@ -47,7 +47,7 @@ class Benchmark:
 
     @classmethod
     def open(cls, path: str | Path) -> Benchmark:
-        from data_pipeline.stores import open_zarr
+        from correction.storage import open_zarr
 
         path = Path(path)
         summary = json.loads((path / "config.json").read_text())

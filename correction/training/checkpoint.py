@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from correction.storage import fsync_tree, new_staging_path, remove_stale_partials
+
 
 def save_checkpoint(
     directory: Path,
@@ -24,10 +26,8 @@ def save_checkpoint(
     progress: dict[str, Any],
 ) -> None:
     """Write ``tensors`` (named state dicts), torch ``states`` and JSON ``progress``."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remove_stale_partials(directory)
+    tmp = new_staging_path(directory)
     for key, sd in tensors.items():
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in sd.items()},
@@ -35,6 +35,7 @@ def save_checkpoint(
         )
     torch.save(states, tmp / "states.pt")
     (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+    fsync_tree(tmp)
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,20 +12,25 @@ from typing import Any
 
 import dask.array as da
 
-from ..stores import (
+from correction.storage import (
     check_destination,
     commit_staging,
+    discard,
+    is_url,
     new_staging_path,
+    remote_commit,
+    remote_staging,
     remove_stale_partials,
     update_zarr_attrs,
     write_zarr,
+    zarr_warnings,
 )
+
 from .base import DEFAULT_SPLIT, MARKER, SAMPLE, SPLIT_NAMES, STATS_FILE
 from .graph import dask_scheduler, run_chunks
-from .inputs import _is_url
 from .numerics import content_hash
 from .plan import plan_increments
-from .remote import _check_remote_destination, _discard, _remote_commit, _remote_staging
+from .remote import check_remote_destination
 from .writer import _chunk_tasks, _finalize, _nonfinite_error, _stats
 
 
@@ -102,13 +106,13 @@ def build_increments(
     ``scheduler``: see :func:`dask_scheduler` (``None`` = dask's current scheduler).
     ``missing="error"`` makes a missing analysis inside the analysis period an error.
     Raises :class:`InputError` before anything is written when inputs do not fit, and
-    :class:`~data_pipeline.stores.OutputExistsError` when ``out`` holds data.
+    :class:`~correction.storage.OutputExistsError` when ``out`` holds data.
     """
     t_start = time.perf_counter()
     out_text = os.fspath(out)
-    remote = _is_url(out_text)
+    remote = is_url(out_text)
     if remote:
-        _check_remote_destination(out_text, overwrite)
+        check_remote_destination(out_text, overwrite)
     else:
         check_destination(Path(out_text).absolute(), overwrite)
     plan = plan_increments(
@@ -127,11 +131,9 @@ def build_increments(
     ds = plan.dataset
     cs = plan.chunk_samples
     encoding = {name: {"chunks": (cs, *var.shape[1:])} for name, var in ds.data_vars.items()}
-    with dask_scheduler(scheduler, n_workers) as client, warnings.catch_warnings():
-        # zarr-python stores the "<U5" split labels as its fixed_length_utf32 data type
-        warnings.filterwarnings("ignore", message=".*Zarr V3 specification.*")
+    with dask_scheduler(scheduler, n_workers) as client, zarr_warnings():
         if remote:
-            staging = store = _remote_staging(out_text)
+            staging = store = remote_staging(out_text)
         else:
             remove_stale_partials(out_text)
             staging = new_staging_path(out_text)
@@ -153,13 +155,14 @@ def build_increments(
             update_zarr_attrs(store, {"content_hash": digest})
             stats_text = json.dumps(stats, indent=1) + "\n"
             if remote:
-                _remote_commit(store, out_text, stats_text, digest)
+                marker = (MARKER, (digest + "\n").encode())
+                remote_commit(store, out_text, {STATS_FILE: stats_text.encode()}, marker)
             else:
                 (staging / STATS_FILE).write_text(stats_text)
                 (staging / MARKER).write_text(digest + "\n")
                 commit_staging(staging, out_text, overwrite)
         except BaseException:
-            _discard(staging, remote)
+            discard(staging)
             raise
     path = out_text if remote else str(Path(out_text).absolute())
     return IncrementReport(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
+
+from correction.storage import is_url, open_zarr
 
 from .base import IN_MEMORY, INPUT_CHUNK_BYTES, InputError
 
@@ -17,27 +18,16 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def _is_url(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
-
-
 def _looks_zarr(text: str) -> bool:
     stripped = text.rstrip("/")
     if stripped.endswith(".zarr"):
         return True
     p = Path(stripped)
     return (
-        not _is_url(text)
+        not is_url(text)
         and p.is_dir()
         and any((p / name).exists() for name in ("zarr.json", ".zgroup", ".zmetadata"))
     )
-
-
-def _open_zarr(path: str) -> xr.Dataset:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
-        return xr.open_zarr(path, chunks={})
 
 
 def _step_chunks(ds: xr.Dataset, dim: str) -> int:
@@ -60,14 +50,17 @@ def open_input(source: Any, role: str, time_dim: str) -> tuple[xr.Dataset, str]:
     if isinstance(source, xr.Dataset):
         return source, IN_MEMORY
     text = os.fspath(source) if isinstance(source, os.PathLike) else str(source)
-    recorded = text if _is_url(text) else os.path.abspath(text)
+    recorded = text if is_url(text) else os.path.abspath(text)
     try:
-        if _has_glob(text) and not _is_url(text):
+        if _has_glob(text) and not is_url(text):
             paths = sorted(glob.glob(text))
             if not paths:
                 raise InputError(f"{role}: no file matches {text!r}")
             if all(_looks_zarr(p) for p in paths):
-                ds = xr.combine_by_coords([_open_zarr(p) for p in paths], combine_attrs="override")
+                ds = xr.combine_by_coords(
+                    [open_zarr(p, consolidated=None, chunks={}) for p in paths],
+                    combine_attrs="override",
+                )
             else:
                 with xr.open_dataset(paths[0]) as first:
                     n = _step_chunks(first, time_dim) if time_dim in first.dims else -1
@@ -75,9 +68,9 @@ def open_input(source: Any, role: str, time_dim: str) -> tuple[xr.Dataset, str]:
                     paths, combine="by_coords", chunks={time_dim: n}, combine_attrs="override"
                 )
         elif _looks_zarr(text):
-            ds = _open_zarr(text)
+            ds = open_zarr(text, consolidated=None, chunks={})
         else:
-            if _is_url(text):
+            if is_url(text):
                 import fsspec
 
                 ds = xr.open_dataset(fsspec.open(text, mode="rb").open(), chunks={})

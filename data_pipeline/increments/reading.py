@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Any
 
 import xarray as xr
 
+from correction.storage import open_zarr, url_to_fs
+
 from .base import MARKER, SAMPLE, STATS_FILE, IncompleteStoreError
 from .numerics import content_hash, sample_digests, store_order
-from .remote import _fs
 
 
 def _read_marker(path: str | os.PathLike) -> str:
     text = os.fspath(path)
-    fs, root = _fs(text)
+    fs, root = url_to_fs(text)
     if not fs.exists(root):
         raise FileNotFoundError(f"no increment store at {text}")
     marker = f"{root.rstrip('/')}/{MARKER}"
@@ -31,9 +31,7 @@ def _read_marker(path: str | os.PathLike) -> str:
 def open_increments(path: str | os.PathLike) -> xr.Dataset:
     """Open a complete increment store lazily (dask-backed)."""
     marker = _read_marker(path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        ds = xr.open_zarr(os.fspath(path), zarr_format=3, consolidated=True)
+    ds = open_zarr(path)
     if ds.attrs.get("content_hash") != marker:
         raise IncompleteStoreError(
             f"{os.fspath(path)}: the completion marker does not match the store's content "
@@ -63,5 +61,5 @@ def verify_increments(path: str | os.PathLike) -> str:
 def read_stats(path: str | os.PathLike) -> dict[str, Any]:
     """The normalisation statistics (training split) of a complete increment store."""
     _read_marker(path)
-    fs, root = _fs(os.fspath(path))
+    fs, root = url_to_fs(os.fspath(path))
     return json.loads(fs.cat(f"{root.rstrip('/')}/{STATS_FILE}").decode())

@@ -38,8 +38,8 @@ def load_analyses(path: str | Path, variable: str = "X") -> AnalysisData:
     """A ``mecs synth`` directory, or an analyses store (zarr or netCDF)."""
     import xarray as xr
 
+    from correction.storage import open_zarr
     from data_pipeline.benchmarks import L96Benchmark
-    from data_pipeline.stores import open_zarr
 
     path = Path(path)
     host_params: dict[str, Any] = {}

@@ -37,7 +37,7 @@ def _parse_host_params(items: list[str]) -> dict:
 def _open_init(path: Path):
     import xarray as xr
 
-    from data_pipeline.stores import open_zarr
+    from correction.storage import open_zarr
 
     if not path.exists():
         raise UsageError(f"mecs forecast: --init {path} does not exist")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from correction.forecast import run_forecast
     from correction.guardrails import GuardedCorrection
     from correction.hosts import make_host
-    from data_pipeline.stores import OutputExistsError, staged_directory, write_zarr
+    from correction.storage import OutputExistsError, staged_directory, write_zarr
     from service.remote import RemoteCorrection
 
     if args.steps < 1 or args.members < 1 or args.output_every < 1:

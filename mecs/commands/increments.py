@@ -9,8 +9,8 @@ from mecs.cli import UsageError
 
 
 def run(args: argparse.Namespace) -> int:
+    from correction.storage import OutputExistsError
     from data_pipeline.increments import InputError, build_increments
-    from data_pipeline.stores import OutputExistsError
 
     try:
         report = build_increments(

@@ -9,8 +9,8 @@ from mecs.cli import UsageError
 
 
 def run(args: argparse.Namespace) -> int:
+    from correction.storage import OutputExistsError, check_destination
     from data_pipeline.config import ConfigError, load_config
-    from data_pipeline.stores import OutputExistsError, check_destination
     from data_pipeline.synth import generate
 
     try:
