@@ -8,12 +8,18 @@ habit of keeping experiment settings apart from the model code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from correction.config_files import SettingsFileError
+from correction.config_files import read_settings_file as _read
+
+#: the increment store's default train/validation/test split (``mecs increments --split``)
+DEFAULT_SPLIT = "0.7:0.15:0.15"
+#: workers of the dask cluster a pipeline job starts for itself (``--workers``)
+LOCAL_WORKERS = 2
 
 
 class ConfigError(ValueError):
@@ -194,19 +200,11 @@ def load_config(
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:
-    """Read a flat JSON or TOML mapping of settings."""
-    path = Path(path)
+    """A flat mapping of settings from a JSON, TOML or env file."""
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings")
-    return data
+        return _read(path)
+    except SettingsFileError as err:
+        raise ConfigError(str(err)) from None
 
 
 __all__ = ["BenchmarkConfig", "ConfigError", "PRESETS", "QUICK", "load_config"]

@@ -29,11 +29,12 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from correction.training.settings import MODES, EmulatorConfig, FinetuneConfig, PretrainConfig
+from data_pipeline.config import DEFAULT_SPLIT, PRESETS, BenchmarkConfig
 from service.settings import ENV_PREFIX, ServiceSettings
 
-# correction.training.finetune.MODES, spelled out so that importing this module
-# stays light (no torch); a test checks that the two agree.
-FinetuneMode = Literal["one-step", "unrolled", "emulator", "hybrid", "differentiable", "sip"]
+FinetuneMode = Literal[MODES]
+SynthPreset = Literal[tuple(PRESETS)]
 
 
 class Settings(ServiceSettings):
@@ -77,12 +78,12 @@ class Settings(ServiceSettings):
         "compose's own, an existing cluster's address, or `local` for a cluster inside the job",
     )
     window: str = Field(
-        "0.05",
+        str(BenchmarkConfig.obs_interval),
         description="increment window: a number in the data's time units or a duration "
         "such as `6h` (0.05 is the l96-2s analysis interval)",
     )
     split: str = Field(
-        "0.7:0.15:0.15",
+        DEFAULT_SPLIT,
         description="train/validation/test split of the increment store (fractions or "
         "explicit time ranges, as `mecs increments --split`)",
     )
@@ -94,22 +95,28 @@ class Settings(ServiceSettings):
         "l96", description="host model of the emulator, trainer and forecast jobs"
     )
     # the built-in benchmark
-    synth_preset: Literal["l96-2s", "l96-2s-c4"] = Field(
-        "l96-2s", description="benchmark preset of the synth job"
+    synth_preset: SynthPreset = Field(
+        BenchmarkConfig.preset, description="benchmark preset of the synth job"
     )
     synth_duration: float = Field(
-        1000.0, gt=0, description="stored cycling period of the synth job, model time units"
+        BenchmarkConfig.duration,
+        gt=0,
+        description="stored cycling period of the synth job, model time units",
     )
-    # training jobs: the stages' own defaults, repeated because compose passes every
-    # flag; a test checks them against PretrainConfig, EmulatorConfig, FinetuneConfig
+    # training jobs: the stages' own defaults (compose passes every flag)
     pretrain_network: str = Field(
-        "column-mlp", description="network of the pretrain job (`column-mlp`, `stencil-cnn`)"
+        PretrainConfig.network,
+        description="network of the pretrain job (`column-mlp`, `stencil-cnn`)",
     )
-    pretrain_epochs: int = Field(40, ge=1, description="most epochs of the pretrain job")
-    emulator_epochs: int = Field(20, ge=1, description="epochs of the emulator job")
-    finetune_mode: FinetuneMode = Field("hybrid", description="online fine-tuning mode")
+    pretrain_epochs: int = Field(
+        PretrainConfig.max_epochs, ge=1, description="most epochs of the pretrain job"
+    )
+    emulator_epochs: int = Field(
+        EmulatorConfig.epochs, ge=1, description="epochs of the emulator job"
+    )
+    finetune_mode: FinetuneMode = Field(FinetuneConfig.mode, description="online fine-tuning mode")
     finetune_iterations: int = Field(
-        300, ge=1, description="optimizer iterations per fine-tuning run"
+        FinetuneConfig.iterations, ge=1, description="optimizer iterations per fine-tuning run"
     )
     train_interval_s: float = Field(
         0.0,
@@ -186,9 +193,9 @@ def settings_table(compose_values: Mapping[str, str] | None = None) -> str:
 
 def read_env_file(path: str | Path) -> dict[str, str]:
     """``KEY=VALUE`` lines of an env file (comments and blank lines skipped)."""
-    from dotenv import dotenv_values
+    from correction.config_files import read_settings_file
 
-    return {k: (v if v is not None else "") for k, v in dotenv_values(Path(path)).items()}
+    return {k: str(v) for k, v in read_settings_file(path, "env file").items()}
 
 
 def check_env_values(values: Mapping[str, str]) -> list[str]:

@@ -14,12 +14,13 @@ import ipaddress
 import json
 import logging
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from correction.config_files import SettingsFileError, read_settings_file
 
 log = logging.getLogger("mecs.service")
 
@@ -149,8 +150,12 @@ def read_keys_file(path: Path) -> dict[str, list[str]]:
     if os.name == "posix" and path.stat().st_mode & 0o077:
         log.warning("api_keys_file %s is readable by group or others; chmod 600 it", path)
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as err:
+        data = (
+            read_settings_file(path, "api_keys_file")
+            if path.suffix == ".toml"
+            else json.loads(text)
+        )
+    except (ValueError, SettingsFileError) as err:
         raise SettingsError(f"api_keys_file {path}: cannot parse: {err}") from None
     unknown = set(data) - {"inference", "admin"} if isinstance(data, dict) else {"<not a map>"}
     if unknown:
@@ -172,22 +177,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a JSON, TOML or env (``KEY=VALUE``, ``MECS_`` prefix optional) file."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise SettingsError(f"config file {path}: {err.strerror or err}") from None
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            from dotenv import dotenv_values
-
-            data = {k: v for k, v in dotenv_values(path).items() if v is not None}
-    except (ValueError, tomllib.TOMLDecodeError) as err:
-        raise SettingsError(f"config file {path}: cannot parse: {err}") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"config file {path}: expected a map of settings")
+        data = read_settings_file(path)
+    except SettingsFileError as err:
+        raise SettingsError(str(err)) from None
     out = {}
     for key, value in data.items():
         name = key.lower().removeprefix(ENV_PREFIX.lower())

@@ -8,7 +8,7 @@
   point), with a ``.dockerignore`` that keeps local state out of the build;
 - ``.env.example`` and the settings model agree: every ``MECS_*`` variable is a field
   of :class:`mecs.settings.Settings`, every field is listed, every value is valid,
-  and compose falls back to the same values; the README's table is the model's.
+  and compose falls back to the same values; the table in docs/settings.md is the model's.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 HADOLINT_CONFIG = ROOT / "deploy" / ".hadolint.yaml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / ".env.example"
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 EVERY = ROOT / "deploy" / "bin" / "mecs-every"
 
 # .env.example's variables that are not settings: those of the compose file itself,
@@ -227,7 +227,7 @@ def test_every_compose_variable_is_in_env_example_with_the_same_default():
 
 
 # ---------------------------------------------------------------------------
-# settings: .env.example, the model, the README
+# settings: .env.example, the model, docs/settings.md
 
 
 def test_env_example_lists_exactly_the_settings():
@@ -319,19 +319,18 @@ def test_settings_defaults_follow_the_stages():
     assert fields["window"].default == str(BenchmarkConfig.obs_interval)
 
 
-def test_readme_settings_table_is_the_models():
-    text = README.read_text()
+def test_docs_settings_table_is_the_models():
+    text = (DOCS / "settings.md").read_text()
     m = re.search(r"<!-- settings-table -->\n(.*?)<!-- /settings-table -->", text, re.S)
-    assert m, "README: no <!-- settings-table --> block"
+    assert m, "docs/settings.md: no <!-- settings-table --> block"
     expected = settings_table(env_example())
     assert m.group(1) == expected, (
-        "README settings table is stale; regenerate it with\n"
+        "docs/settings.md settings table is stale; regenerate it with\n"
         "  python -m mecs.settings --table --compose-values .env.example"
     )
-    deploy = text[text.index("## Deploy") : text.index("## Results")]
-    assert m.start() > text.index("## Deploy") and m.end() < text.index("## Results")
+    deploy = (DOCS / "deploy.md").read_text()
     for topic in ("--scale worker=", "MECS_SCHEDULER", "torchrun", "load balancer", "--profile"):
-        assert topic in deploy, f"README Deploy section says nothing about {topic}"
+        assert topic in deploy, f"docs/deploy.md says nothing about {topic}"
 
 
 # ---------------------------------------------------------------------------
@@ -455,8 +454,7 @@ def test_build_context_has_the_sources_and_no_local_state():
 
 def test_no_registry_host_is_written():
     """Package indexes come from build arguments: the files name only local hosts."""
-    readme = README.read_text()
-    texts = {"README.md (Deploy)": readme[readme.index("## Deploy") : readme.index("## Results")]}
+    texts = {"docs/deploy.md": (DOCS / "deploy.md").read_text()}
     for path in [DOCKERFILE, COMPOSE, ENV_EXAMPLE, DOCKERIGNORE, *ROOT.glob("deploy/**/*")]:
         if path.is_file() and path.suffix != ".whl":
             texts[str(path.relative_to(ROOT))] = path.read_text()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +25,7 @@ from correction.hosts import BlackBoxHost, HostModel
 from correction.layout import ModelLayout
 from correction.networks import CorrectionModel
 
-from .settings import settings_from_dict
-
-
-@dataclass
-class EmulatorConfig:
-    network: str = "bilinear-cnn"
-    params: dict[str, Any] = field(default_factory=lambda: {"hidden": 24, "kernel": 5})
-    n_states: int = 20000
-    perturbations: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0)
-    rollout_steps: int = 20
-    batch_size: int = 256
-    epochs: int = 20
-    lr: float = 2e-3
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EmulatorConfig:
-        d = dict(d)
-        if "perturbations" in d:
-            d["perturbations"] = tuple(d["perturbations"])
-        return settings_from_dict(cls, d, "emulator")
+from .settings import EmulatorConfig
 
 
 def training_states(

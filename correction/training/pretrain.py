@@ -9,15 +9,13 @@ weights as a new model version.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,37 +26,7 @@ from correction.networks import CorrectionModel
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchStream, IncrementSource
-from .settings import settings_from_dict
-
-
-@dataclass
-class PretrainConfig:
-    """Settings of ``mecs pretrain`` (a JSON/TOML ``--config`` file overrides them)."""
-
-    # Column-wise by default: with noisy analyses a horizontal stencil learns to
-    # "denoise" the initial state from its neighbours (the increment's noise is
-    # correlated with the input's), which scores a priori but hurts forecasts.
-    network: str = "column-mlp"
-    params: dict[str, Any] = field(default_factory=lambda: {"hidden": 64, "depth": 3})
-    fields: list[str] | None = None
-    batch_size: int = 256
-    max_epochs: int = 40
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    lr_factor: float = 0.5
-    lr_patience: int = 2
-    early_stopping: int = 6
-    min_delta: float = 1e-4
-    buffer_chunks: int = 4
-    seed: int = 0
-    threads: int | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        return settings_from_dict(cls, d, "pretrain")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from .settings import PretrainConfig
 
 
 @dataclass

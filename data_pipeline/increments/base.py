@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from ..config import DEFAULT_SPLIT, LOCAL_WORKERS  # noqa: F401 (re-exported)
+
 SAMPLE = "sample"
 
 
@@ -14,9 +16,6 @@ ROLES = ("state", "increment", "target")
 
 
 SPLIT_NAMES = ("train", "val", "test")
-
-
-DEFAULT_SPLIT = "0.7:0.15:0.15"
 
 
 MARKER = ".mecs-complete"

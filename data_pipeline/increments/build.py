@@ -26,7 +26,7 @@ from correction.storage import (
     zarr_warnings,
 )
 
-from .base import DEFAULT_SPLIT, MARKER, SAMPLE, SPLIT_NAMES, STATS_FILE
+from .base import DEFAULT_SPLIT, LOCAL_WORKERS, MARKER, SAMPLE, SPLIT_NAMES, STATS_FILE
 from .graph import dask_scheduler, run_chunks
 from .numerics import content_hash
 from .plan import plan_increments
@@ -94,7 +94,7 @@ def build_increments(
     tolerance: Any = None,
     level_dims: Sequence[str] | str | None = None,
     overwrite: bool = False,
-    n_workers: int = 2,
+    n_workers: int = LOCAL_WORKERS,
     progress: bool = False,
 ) -> IncrementReport:
     """Build an increment store at ``out`` from analyses and forecasts.

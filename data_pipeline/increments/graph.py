@@ -18,7 +18,7 @@ from dask.base import tokenize
 from dask.core import flatten, get_dependencies
 from dask.highlevelgraph import HighLevelGraph
 
-from .base import INPUT_CHUNK_BYTES, InputError
+from .base import INPUT_CHUNK_BYTES, LOCAL_WORKERS, InputError
 
 
 def _take_rows(local: list[np.ndarray], *chunks: np.ndarray) -> np.ndarray:
@@ -91,7 +91,7 @@ LOCAL_SCHEDULERS = {
 
 
 @contextlib.contextmanager
-def dask_scheduler(scheduler: str | None = None, n_workers: int = 2) -> Iterator[Any]:
+def dask_scheduler(scheduler: str | None = None, n_workers: int = LOCAL_WORKERS) -> Iterator[Any]:
     """Yield a distributed ``Client`` (or None for dask's local schedulers).
 
     ``None``: whatever dask uses now (an active distributed client, else threads);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_pipeline.config import DEFAULT_SPLIT, LOCAL_WORKERS
 from mecs.cli import UsageError
 
 
@@ -75,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variables", help="comma-separated fields (default: every field)")
     p.add_argument(
         "--split",
-        default="0.7:0.15:0.15",
+        default=DEFAULT_SPLIT,
         help="fractions train:val:test of the time range, or ranges "
         "train=A:B,val=C:D,test=E:F (numbers or ISO dates, ends "
         "inclusive); default 0.7:0.15:0.15",
@@ -94,8 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers",
         type=_positive_int,
-        default=2,
-        help="worker processes of the local cluster (default 2)",
+        default=LOCAL_WORKERS,
+        help="worker processes of the local cluster (default %(default)s)",
     )
     p.add_argument(
         "--chunk-samples",

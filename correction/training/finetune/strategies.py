@@ -33,6 +33,8 @@ from correction.corrections import Correction
 from correction.hosts import HostModel
 from correction.rollout import Gradient, rollout
 
+from ..settings import MODES as SETTINGS_MODES
+
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
@@ -40,6 +42,8 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     """Add a strategy to :data:`STRATEGIES` under its ``name``."""
     if cls.name in STRATEGIES:
         raise ValueError(f"fine-tuning mode {cls.name!r} is registered twice")
+    if cls.name not in SETTINGS_MODES:
+        raise ValueError(f"fine-tuning mode {cls.name!r} is not in the settings' MODES")
     STRATEGIES[cls.name] = cls
     return cls
 
@@ -189,4 +193,5 @@ def make_strategy(mode: str, *args, **kwargs) -> Strategy:
 
 
 MODES: tuple[str, ...] = tuple(STRATEGIES)
+assert MODES == SETTINGS_MODES, (MODES, SETTINGS_MODES)
 NEEDS_EMULATOR: tuple[str, ...] = tuple(k for k, v in STRATEGIES.items() if v.needs_emulator)
