@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -18,13 +19,15 @@ from ..auth import InferenceScope
 from ..errors import ServiceError
 from ..protocol import (
     DATATYPES,
+    DTYPE_NAMES,
     InferRequest,
     ProtocolError,
     encode_message_parts,
     parse_infer_request,
 )
-from ..repository import LoadedModel, parse_version
+from ..repository import LoadedModel
 from ..schemas import ERRORS, InferResponseDoc, ModelMetadata
+from .params import parse_version
 
 router = APIRouter(prefix="/v2/models", tags=["models"], responses=ERRORS)
 
@@ -53,7 +56,47 @@ for _path, _endpoint in (
 async def _metadata(request: Request, name: str, version: str | None) -> dict:
     repo = request.app.state.mecs.repository
     model = await repo.get(name, parse_version(version))
-    return model.metadata(await repo.versions(name))
+    return render_metadata(model, await repo.versions(name))
+
+
+def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
+    """Open Inference Protocol model metadata, plus the model's variables and provenance."""
+    layout = model.corrector.layout
+    dt = DTYPE_NAMES[model.dtype]
+    shape = [-1, *model.state_shape]
+    inputs = [{"name": "state", "datatype": dt, "shape": shape}]
+    if model.n_forcings:
+        inputs.append({"name": "forcings", "datatype": dt, "shape": [-1, model.n_forcings]})
+    config = model.corrector.config
+    return {
+        "name": model.name,
+        "versions": [str(v) for v in versions],
+        "platform": "mecs_torch",
+        "inputs": inputs,
+        "outputs": [{"name": "correction", "datatype": dt, "shape": shape}],
+        "version": model.version_str,
+        "parameters": {
+            "accepted_datatypes": ["FP32", "FP64"],
+            "dims": ["batch", *layout.state_dims],
+            "variables": [
+                {
+                    "name": f,
+                    "dims": list(layout.field_dims[f]),
+                    "units": layout.units.get(f, "1"),
+                }
+                for f in layout.fields
+            ],
+            "correction": "tendency correction, state units per unit time",
+            "network": config.get("network", {}).get("name"),
+            "runtime": model.runtime.name,
+            "training_mode": (config.get("training") or {}).get("mode"),
+            "published_at": config.get("published_at"),
+            "parent_version": config.get("parent_version"),
+            "metrics": config.get("metrics"),
+            "correction_cap_std": model.forward.guard.cap_std,
+            "ood_threshold_std": model.forward.guard.ood_threshold_std,
+        },
+    }
 
 
 @router.get("/{name}", response_model=ModelMetadata)

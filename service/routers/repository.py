@@ -15,8 +15,9 @@ from correction.artifacts import ArtifactError, check_name
 
 from ..auth import AdminScope
 from ..errors import ServiceError
-from ..repository import parse_version
+from ..repository import VersionStatus
 from ..schemas import ERRORS, RepositoryEntry
+from .params import parse_version
 
 router = APIRouter(prefix="/v2/repository", tags=["repository"], responses=ERRORS)
 
@@ -51,17 +52,30 @@ async def _parameters(request: Request) -> dict:
     return params
 
 
+def _render(statuses: list[VersionStatus]) -> list[dict[str, str]]:
+    """The repository index in the protocol's words: READY or UNAVAILABLE, and why."""
+    return [
+        {
+            "name": s.name,
+            "version": str(s.version),
+            "state": "READY" if s.ready else "UNAVAILABLE",
+            "reason": s.reason,
+        }
+        for s in statuses
+    ]
+
+
 @router.get("/index", response_model=list[RepositoryEntry])
 async def index_get(request: Request, _: AdminScope) -> list[dict]:
     """Every version on disk with its state (READY when loaded)."""
-    return await request.app.state.mecs.repository.index()
+    return _render(await request.app.state.mecs.repository.statuses())
 
 
 @router.post("/index", response_model=list[RepositoryEntry])
 async def index_post(request: Request, _: AdminScope) -> list[dict]:
     """Same as GET (Triton's clients POST here)."""
     body = await request.body()
-    entries = await request.app.state.mecs.repository.index()
+    entries = _render(await request.app.state.mecs.repository.statuses())
     try:
         ready_only = bool(json.loads(body).get("ready")) if body.strip() else False
     except (ValueError, AttributeError, UnicodeDecodeError):

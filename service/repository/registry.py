@@ -19,130 +19,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from correction import artifacts
 from correction.artifacts import ArtifactError
-from correction.guardrails import GuardedCorrector
 from correction.inference import Corrector
 
-from .batching import Batcher, BatchResult, Traffic
-from .errors import ServiceError
-from .metrics import ServiceMetrics
-from .protocol import DTYPE_NAMES
-from .settings import ServiceSettings
+from ..batching import Traffic
+from ..errors import ServiceError
+from ..metrics import ServiceMetrics
+from ..settings import ServiceSettings
+from .loaded import LoadedModel
 
 log = logging.getLogger("mecs.service")
 
 
-class LoadedModel:
-    """One model version in memory: the corrector, its guardrails and its batch queue."""
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version on disk: served (ready) or not, and why."""
 
-    def __init__(
-        self,
-        corrector: Corrector,
-        settings: ServiceSettings,
-        traffic: Traffic,
-        executor: Executor,
-        metrics: ServiceMetrics,
-    ) -> None:
-        self.corrector = corrector
-        self.name = corrector.name
-        self.version = int(corrector.version)
-        self.version_str = str(self.version)
-        self.state_shape = tuple(corrector.state_shape)
-        self.n_forcings = int(corrector.model.n_forcings)
-        self.loaded_at = time.time()
-        self.forward = GuardedCorrector(
-            corrector,
-            settings.correction_cap_std,
-            settings.ood_threshold_std,
-            settings.runtime,
-            settings.torch_threads,
-            settings.runtime_arena,
-            label=f"model '{self.name}' v{self.version}",
-        )
-        self.dtype = self.forward.dtype
-        self.runtime = self.forward.runtime
-        labels = (self.name, self.version_str)
-
-        def observe(samples: int, requests: int, seconds: float, waits: list[float]) -> None:
-            metrics.batch_size.labels(*labels).observe(samples)
-            metrics.batch_requests.labels(*labels).observe(requests)
-            metrics.forward_latency.labels(*labels).observe(seconds)
-            for w in waits:
-                metrics.queue_wait.labels(self.name).observe(w)
-
-        self.batcher = Batcher(
-            self.forward,
-            traffic,
-            executor,
-            max_size=settings.batch_max_size,
-            max_delay_s=settings.batch_max_delay_ms / 1000.0,
-            max_queue_samples=settings.max_queue_samples,
-            inline_max_values=settings.inline_forward_max_values,
-            observe=observe,
-        )
-
-    async def correct(
-        self, state: np.ndarray, forcings: np.ndarray | None = None, ticket=None
-    ) -> BatchResult:
-        return await self.batcher.submit(state, forcings, ticket)
-
-    def warm_up(self) -> None:
-        """One forward pass so the first real request does not pay allocation costs."""
-        x = np.broadcast_to(self.corrector.in_mean.mean(), (1, *self.state_shape)).astype(
-            self.dtype
-        )
-        f = None if not self.n_forcings else np.zeros((1, self.n_forcings), self.dtype)
-        self.forward(x, f)
-
-    def metadata(self, versions: list[int]) -> dict[str, Any]:
-        """Open Inference Protocol model metadata, plus the model's variables and provenance."""
-        layout = self.corrector.layout
-        dt = DTYPE_NAMES[self.dtype]
-        shape = [-1, *self.state_shape]
-        inputs = [{"name": "state", "datatype": dt, "shape": shape}]
-        if self.n_forcings:
-            inputs.append({"name": "forcings", "datatype": dt, "shape": [-1, self.n_forcings]})
-        config = self.corrector.config
-        return {
-            "name": self.name,
-            "versions": [str(v) for v in versions],
-            "platform": "mecs_torch",
-            "inputs": inputs,
-            "outputs": [{"name": "correction", "datatype": dt, "shape": shape}],
-            "version": self.version_str,
-            "parameters": {
-                "accepted_datatypes": ["FP32", "FP64"],
-                "dims": ["batch", *layout.state_dims],
-                "variables": [
-                    {
-                        "name": f,
-                        "dims": list(layout.field_dims[f]),
-                        "units": layout.units.get(f, "1"),
-                    }
-                    for f in layout.fields
-                ],
-                "correction": "tendency correction, state units per unit time",
-                "network": config.get("network", {}).get("name"),
-                "runtime": self.runtime.name,
-                "training_mode": (config.get("training") or {}).get("mode"),
-                "published_at": config.get("published_at"),
-                "parent_version": config.get("parent_version"),
-                "metrics": config.get("metrics"),
-                "correction_cap_std": self.forward.guard.cap_std,
-                "ood_threshold_std": self.forward.guard.ood_threshold_std,
-            },
-        }
+    name: str
+    version: int
+    ready: bool
+    reason: str
 
 
 @dataclass
@@ -156,14 +59,6 @@ class ModelSlot:
     unloaded: bool = False
     failed: dict[int, str] = field(default_factory=dict)
     loading: dict[int, asyncio.Future] = field(default_factory=dict)
-
-
-def parse_version(version: str | None) -> int | None:
-    if version is None:
-        return None
-    if not version.isdigit() or len(version) > 9 or int(version) < 1:
-        raise ServiceError(400, f"model version {version!r} is not a positive integer")
-    return int(version)
 
 
 class ModelRepository:
@@ -356,7 +251,8 @@ class ModelRepository:
         return await asyncio.to_thread(artifacts.list_versions, self.root, name)
 
     # -- repository extension --------------------------------------------------------
-    async def index(self) -> list[dict[str, str]]:
+    async def statuses(self) -> list[VersionStatus]:
+        """Every version on disk and whether it is served (the repository index)."""
         disk = await asyncio.to_thread(self._scan)
         out = []
         for name in sorted(set(disk) | set(self.slots)):
@@ -366,16 +262,16 @@ class ModelRepository:
                     (slot.default is not None and slot.default.version == v) or v in slot.pinned
                 )
                 if loaded:
-                    state, reason = "READY", ""
+                    ready, reason = True, ""
                     if slot.default is not None and slot.default.version == v:
                         reason = "default" + (" (pinned)" if slot.pin == v else "")
                 elif slot is not None and v in slot.failed:
-                    state, reason = "UNAVAILABLE", slot.failed[v]
+                    ready, reason = False, slot.failed[v]
                 elif slot is not None and slot.unloaded:
-                    state, reason = "UNAVAILABLE", "unloaded"
+                    ready, reason = False, "unloaded"
                 else:
-                    state, reason = "UNAVAILABLE", "not loaded"
-                out.append({"name": name, "version": str(v), "state": state, "reason": reason})
+                    ready, reason = False, "not loaded"
+                out.append(VersionStatus(name, v, ready, reason))
         return out
 
     async def load(self, name: str, version: int | None = None) -> LoadedModel:
