@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import make_l96_model, service_settings
+from support import BACKENDS, STORE_FORMATS, make_l96_model, service_settings
 
 from data_pipeline.config import load_config
 from data_pipeline.synth import generate
@@ -78,3 +78,15 @@ def tiny_increments(tmp_path_factory, tiny_synth):
         chunk_samples=37,
     )
     return out
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Inputs backed by numpy arrays (loaded) or by dask arrays (lazy)."""
+    return request.param
+
+
+@pytest.fixture(params=STORE_FORMATS)
+def store_format(request):
+    """Inputs stored as zarr v3 or as netCDF4."""
+    return request.param

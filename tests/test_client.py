@@ -61,11 +61,11 @@ def test_breaker_stops_calling_a_dead_service(start_server):
     client.correct(x)
     client.correct(x)  # breaker opens
     calls = client.calls
-    t = time.perf_counter()
     for _ in range(100):
         client.correct(x)
     assert client.calls == calls  # no network attempt while open
-    assert time.perf_counter() - t < 0.5 and client.degraded_steps == 102
+    assert client.degraded_steps == 102
+    assert "circuit open" in str(client.last_error)
 
 
 def test_caller_errors_are_never_degraded(start_server):
@@ -193,9 +193,8 @@ def test_timeouts_retries_and_chunked_responses():
     with CorrectionClient(
         slow.url, "m", timeout=0.2, retries=1, backoff=0.001, degrade="zero"
     ) as client:
-        t = time.perf_counter()
-        assert not client.correct(x).any()
-        assert 0.35 < time.perf_counter() - t < 2.0  # two attempts of 0.2 s, then degraded
+        assert not client.correct(x).any()  # two attempts of 0.2 s, then degraded
+        assert slow.requests == 2 and client.degraded_steps == 1
         assert "timed out" in str(client.last_error)
     slow.close()
 

@@ -18,6 +18,7 @@ import pytest
 import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import make_archive, open_store, write_store
 
 from correction.storage import OutputExistsError, open_zarr
 from data_pipeline.increments import (
@@ -50,62 +51,6 @@ def _tree_digest(root: Path) -> str:
 
 def _l96(tiny_synth):
     return tiny_synth / "analyses.zarr", tiny_synth / "forecasts_archive.zarr"
-
-
-def make_archive(n_times=16, init_every=2, leads_h=(0, 6, 12), nlev=3, nlat=4, nlon=5, seed=0):
-    """An operational-like archive: T, q on pressure levels, ps; 6-hourly datetime64.
-
-    Forecasts drift by ``-0.1 K/h`` (T), so the T target is about ``+0.1 K per hour``.
-    """
-    rng = np.random.default_rng(seed)
-    step = np.timedelta64(6, "h")
-    n_ext = n_times + max(leads_h) // 6
-    times = np.datetime64("2021-01-01T00", "ns") + np.arange(n_ext) * step
-    level = xr.DataArray(
-        np.array([850.0, 500.0, 250.0][:nlev]),
-        dims="isobaric",
-        attrs={"units": "hPa", "positive": "down", "long_name": "pressure"},
-    )
-    coords = {
-        "isobaric": level,
-        "lat": ("lat", np.linspace(-30, 30, nlat), {"units": "degrees_north"}),
-        "lon": ("lon", np.linspace(0, 300, nlon), {"units": "degrees_east"}),
-    }
-    truth = {
-        "T": 260 + 10 * rng.standard_normal((n_ext, nlev, nlat, nlon)),
-        "q": 0.01 * rng.random((n_ext, nlev, nlat, nlon)),
-        "ps": 1e5 + 500 * rng.standard_normal((n_ext, nlat, nlon)),
-    }
-    units = {"T": "K", "q": "kg kg-1", "ps": "Pa"}
-    grid = {"T": ("isobaric", "lat", "lon"), "q": ("isobaric", "lat", "lon"), "ps": ("lat", "lon")}
-    ana = xr.Dataset(
-        {
-            f: (("time", *grid[f]), truth[f][:n_times].astype(np.float32), {"units": units[f]})
-            for f in truth
-        },
-        coords={**coords, "time": times[:n_times]},
-    )
-    init_idx = np.arange(0, n_times, init_every)
-    lead_steps = np.array(leads_h) // 6
-    fc_vars = {}
-    for f in truth:
-        vals = truth[f][init_idx[:, None] + lead_steps[None, :]].copy()
-        drift = {"T": -0.1, "q": 0.0, "ps": 2.0}[f] * np.array(leads_h, dtype=float)
-        vals += drift.reshape(1, -1, *([1] * (vals.ndim - 2)))
-        fc_vars[f] = (
-            ("init_time", "lead_time", *grid[f]),
-            vals.astype(np.float32),
-            {"units": units[f]},
-        )
-    fc = xr.Dataset(
-        fc_vars,
-        coords={
-            **coords,
-            "init_time": times[init_idx],
-            "lead_time": (np.array(leads_h) * np.timedelta64(1, "h")).astype("timedelta64[ns]"),
-        },
-    )
-    return ana, fc
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +192,28 @@ class WriteGuard(CountingScheduler):
         if not any(self.root.glob(".*.partial-*/zarr.json")):
             raise RuntimeError("dask computed before the write began")
         return super().__call__(dsk, keys, **kwargs)
+
+
+def test_every_backend_and_store_format_gives_the_same_store(tmp_path, backend, store_format):
+    """numpy- or dask-backed inputs, from zarr or netCDF: one store, and no early compute."""
+    ana, fc = make_archive(n_times=16)
+    fields = ["T", "q", "ps"]  # a zarr store lists its variables sorted: fix the order
+    kw = {"variables": fields, "chunk_samples": 3}
+    ref = build_increments(ana, fc, "6h", tmp_path / "ref.zarr", scheduler="sync", **kw)
+    a = open_store(write_store(ana, tmp_path / "ana", store_format), store_format, backend)
+    f = open_store(write_store(fc, tmp_path / "fc", store_format), store_format, backend)
+    is_dask = isinstance(a["T"].data, dask.array.Array)
+    assert is_dask == (backend == "dask")
+    with dask.config.set(scheduler=CountingScheduler(max_computes=0)):
+        plan = plan_increments(a, f, "6h", **kw)  # metadata only
+    assert plan.dataset.sizes["sample"] == ref.n_samples
+    out = tmp_path / "out.zarr"
+    report = build_increments(a, f, "6h", out, scheduler="sync", **kw)
+    assert report.content_hash == ref.content_hash
+    ds = open_increments(out)
+    assert np.issubdtype(ds["init_time"].dtype, np.datetime64)
+    assert ds["target_T"].attrs["units"] == "K per hour"
+    np.testing.assert_allclose(ds["target_T"].values, 0.1, atol=2e-3)
 
 
 def test_inputs_are_read_only_by_the_write(tiny_synth, tmp_path):
