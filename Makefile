@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo demo-quick test test-all lint install clean
+.PHONY: demo demo-quick test test-all lint docs install clean
 
 install: $(STAMP)
 
@@ -25,14 +25,19 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mkdocs build --strict --site-dir $(VENV)/site
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

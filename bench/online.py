@@ -6,7 +6,7 @@ learning rate; ``sip`` gets a quarter of the iterations on windows of 4 interval
 its Gauss-Newton Jacobians being the costly part), then
 evaluate all of them together: valid time, RMSE at leads 0.2 and 1.0, free-run
 stability and climate error, wall time. Writes ``bench/results/online.json``,
-``online.md`` (the table the README quotes) and ``online.png``.
+``online.md`` (the table docs/results.md quotes) and ``online.png``.
 
     python bench/online.py [--presets l96-2s l96-2s-c4] [--seeds 0 1 2] [--iterations 300]
 """

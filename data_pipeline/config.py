@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """The two-scale Lorenz-96 benchmark (DESIGN section 3).
+    """The two-scale Lorenz-96 benchmark (docs/synth.md).
 
     Times are in model time units (MTU). The truth is cycled for ``da_spinup``
     (filter spin-up, not stored) and then ``duration``; the last ``test_fraction``

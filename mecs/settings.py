@@ -8,7 +8,7 @@ the training jobs. Every field is the environment variable ``MECS_<NAME>``.
 In ``docker-compose.yml`` each job's command line is built from these variables
 (``${MECS_INCREMENTS:-/data/increments.zarr}`` and so on), the service reads its own
 variables from the environment, and ``.env.example`` lists every field with the value
-a compose deployment uses. The README's settings table is generated from this model
+a compose deployment uses. The settings table of docs/settings.md is generated from this model
 (:func:`settings_table`), and the tests check that ``.env.example``, the table and the
 model agree.
 
@@ -169,7 +169,7 @@ def default_text(field: str) -> str:
 
 
 def settings_table(compose_values: Mapping[str, str] | None = None) -> str:
-    """The README's Markdown table: variable, default, compose value, meaning.
+    """The Markdown table of docs/settings.md: variable, default, compose value, meaning.
 
     ``compose_values`` are the values of ``.env.example`` (what a compose deployment
     uses); without them the compose column is left out.
