@@ -1,6 +1,6 @@
 """Forecast-skill and climate evaluation on the l96 benchmarks.
 
-Reference forecasts (docs/architecture.md, "The benchmark"): the uncorrected host; a cubic polynomial
+Reference forecasts (docs/architecture.md): the uncorrected host; a cubic polynomial
 of the local X fitted by least squares to the increments (the classic
 parameterization a learned correction must beat); the learned model(s); and the
 *limit*, the two-scale truth model started from (analysis X, true Y). Skill is the
