@@ -153,7 +153,9 @@ class ServiceMiddleware:
                         else "Content-Length is not a number"
                     )
                     await JSONResponse({"error": msg}, status)(scope, receive, send)
-                    state.metrics.http_requests.labels("other", scope["method"], str(status)).inc()
+                    state.metrics.cached(
+                        state.metrics.http_requests, "other", scope["method"], str(status)
+                    ).inc()
                     return
                 break
         ticket = None
@@ -198,8 +200,8 @@ class ServiceMiddleware:
             if endpoint is None:
                 endpoint = getattr(scope.get("route"), "path", "other")
             m = state.metrics
-            m.http_requests.labels(endpoint, scope["method"], str(status[0])).inc()
-            m.http_latency.labels(endpoint).observe(time.perf_counter() - t0)
+            m.cached(m.http_requests, endpoint, scope["method"], str(status[0])).inc()
+            m.cached(m.http_latency, endpoint).observe(time.perf_counter() - t0)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

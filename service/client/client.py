@@ -104,9 +104,9 @@ class CorrectionClient(Degradation):
             transport, parts.hostname, port, tls, connect_timeout, ssl_context
         )
         self._prefix = parts.path.rstrip("/")
-        self._base_headers = [("User-Agent", "mecs-client")]
+        self._base_headers = "User-Agent: mecs-client\r\n"
         if api_key:
-            self._base_headers.append(("Authorization", f"Bearer {api_key}"))
+            self._base_headers += f"Authorization: Bearer {api_key}\r\n"
         name = quote(model, safe="")
         tail = f"/versions/{int(version)}" if version is not None else ""
         self._infer_path = f"{self._prefix}/v2/models/{name}{tail}/infer"
@@ -124,7 +124,9 @@ class CorrectionClient(Degradation):
         timeout: float | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:
         parts = [body] if isinstance(body, bytes | bytearray | memoryview) else body
-        head = [*self._base_headers, *(headers or {}).items()]
+        head = self._base_headers
+        if headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         attempts = 1 + (self.retries if idempotent else 0)
         delay = self.backoff
         last: Exception | None = None

@@ -49,24 +49,23 @@ class RequestRejected(ServiceError):
 
 
 class Transport(Protocol):
-    """One keep-alive connection: ``request`` sends and returns (status, headers, body)."""
+    """One keep-alive connection: ``request`` sends and returns (status, headers, body).
+
+    ``headers`` are ``"Name: value\\r\\n"`` lines, formatted once by the client (the
+    per-call cost of building them is part of every timestep's budget).
+    """
 
     reused: bool
 
     def request(
-        self,
-        method: str,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        body: Sequence[Body],
-        timeout: float,
+        self, method: str, path: str, headers: str, body: Sequence[Body], timeout: float
     ) -> Response: ...
 
     def close(self) -> None: ...
 
 
-class SocketTransport:
-    """A keep-alive HTTP/1.1 connection over a plain socket (http or https)."""
+class _Endpoint:
+    """Where a transport connects, and with which TLS context (``None``: the system's)."""
 
     def __init__(
         self,
@@ -79,17 +78,29 @@ class SocketTransport:
         self.host, self.port, self.tls = host, port, tls
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.reused = False
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-transport state (no connection is opened before the first request)."""
+
+    def _context(self) -> ssl.SSLContext:
+        return self.ssl_context or ssl.create_default_context()
+
+
+class SocketTransport(_Endpoint):
+    """A keep-alive HTTP/1.1 connection over a plain socket (http or https)."""
+
+    def _setup(self) -> None:
         self.sock: socket.socket | None = None
         self.reader = None
-        self.reused = False
-        self._host_line = f"Host: {host}:{port}\r\n"
+        self._host_line = f"Host: {self.host}:{self.port}\r\n"
 
     def open(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
-            ctx = self.ssl_context or ssl.create_default_context()
-            sock = ctx.wrap_socket(sock, server_hostname=self.host)
+            sock = self._context().wrap_socket(sock, server_hostname=self.host)
         self.sock = sock
         self.reader = sock.makefile("rb", buffering=_SMALL)
         self.reused = False
@@ -104,18 +115,13 @@ class SocketTransport:
         self.sock = self.reader = None
 
     def request(
-        self,
-        method: str,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        body: Sequence[Body],
-        timeout: float,
+        self, method: str, path: str, headers: str, body: Sequence[Body], timeout: float
     ) -> Response:
         size = sum(len(p) for p in body)
-        lines = [f"{method} {path} HTTP/1.1\r\n", self._host_line]
-        lines += [f"{k}: {v}\r\n" for k, v in headers]
-        lines.append(f"Content-Length: {size}\r\n\r\n")
-        return self.send_raw("".join(lines).encode("latin-1"), body, timeout)
+        head = (
+            f"{method} {path} HTTP/1.1\r\n{self._host_line}{headers}Content-Length: {size}\r\n\r\n"
+        )
+        return self.send_raw(head.encode("latin-1"), body, timeout)
 
     def send_raw(self, head: bytes, body: Sequence[Body], timeout: float) -> Response:
         """Send a pre-built request head and body parts; read the response."""
@@ -177,22 +183,11 @@ class SocketTransport:
         return status, headers, body
 
 
-class HttpClientTransport:
+class HttpClientTransport(_Endpoint):
     """The same connection on the standard library's ``http.client``."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        tls: bool,
-        connect_timeout: float,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.host, self.port, self.tls = host, port, tls
-        self.connect_timeout = connect_timeout
-        self.ssl_context = ssl_context
+    def _setup(self) -> None:
         self.conn: http.client.HTTPConnection | None = None
-        self.reused = False
 
     def _open(self) -> http.client.HTTPConnection:
         if self.tls:
@@ -200,7 +195,7 @@ class HttpClientTransport:
                 self.host,
                 self.port,
                 timeout=self.connect_timeout,
-                context=self.ssl_context or ssl.create_default_context(),
+                context=self._context(),
             )
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
@@ -215,12 +210,7 @@ class HttpClientTransport:
         self.conn = None
 
     def request(
-        self,
-        method: str,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        body: Sequence[Body],
-        timeout: float,
+        self, method: str, path: str, headers: str, body: Sequence[Body], timeout: float
     ) -> Response:
         if self.conn is None:
             self.conn = self._open()
@@ -230,8 +220,10 @@ class HttpClientTransport:
         conn.sock.settimeout(timeout)
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
-            for k, v in headers:
-                conn.putheader(k, v)
+            for line in headers.split("\r\n"):
+                if line:
+                    name, _, value = line.partition(": ")
+                    conn.putheader(name, value)
             conn.putheader("Content-Length", str(sum(len(p) for p in body)))
             conn.endheaders()
             for part in body:

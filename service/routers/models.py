@@ -240,18 +240,18 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         t_decode = time.perf_counter()
         result = await model.correct(x, f, request.scope.get("mecs.ticket"))
     except ProtocolError as err:
-        metrics.rejected.labels(model.name, err.reason).inc()
-        metrics.infer_requests.labels(*labels, str(err.status)).inc()
+        metrics.cached(metrics.rejected, model.name, err.reason).inc()
+        metrics.cached(metrics.infer_requests, *labels, str(err.status)).inc()
         raise ServiceError(err.status, err.message) from None
     except ServiceError as err:
         if err.status == 413:
-            metrics.rejected.labels(model.name, "too_large").inc()
+            metrics.cached(metrics.rejected, model.name, "too_large").inc()
         elif err.status == 503:
-            metrics.overloaded.labels(model.name).inc()
-        metrics.infer_requests.labels(*labels, str(err.status)).inc()
+            metrics.cached(metrics.overloaded, model.name).inc()
+        metrics.cached(metrics.infer_requests, *labels, str(err.status)).inc()
         raise
     if degraded:
-        metrics.client_degraded.labels(model.name).inc(degraded)
+        metrics.cached(metrics.client_degraded, model.name).inc(degraded)
     n = x.shape[0]
     ood = result.out_of_distribution
     n_ood = int(ood.sum())
@@ -273,15 +273,15 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     parts, headers = encode_message_parts(
         header, [("correction", corr, req.wants_binary("correction"))], "outputs"
     )
-    metrics.infer_requests.labels(*labels, "200").inc()
-    metrics.samples.labels(*labels).inc(n)
+    metrics.cached(metrics.infer_requests, *labels, "200").inc()
+    metrics.cached(metrics.samples, *labels).inc(n)
     if n_ood:
-        metrics.ood_samples.labels(*labels).inc(n_ood)
-        metrics.ood_requests.labels(*labels).inc()
+        metrics.cached(metrics.ood_samples, *labels).inc(n_ood)
+        metrics.cached(metrics.ood_requests, *labels).inc()
     if n_capped:
-        metrics.capped.labels(*labels).inc(n_capped)
+        metrics.cached(metrics.capped, *labels).inc(n_capped)
     elapsed = time.perf_counter() - t0
-    metrics.infer_latency.labels(*labels).observe(elapsed)
+    metrics.cached(metrics.infer_latency, *labels).observe(elapsed)
     # standard Server-Timing header (ms): lets a caller split its latency
     headers["Server-Timing"] = (
         f"read;dur={(t_read - t_body) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "
