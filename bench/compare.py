@@ -2,7 +2,8 @@
 
 Usage: ``python bench/compare.py --baseline REF [--pairs 2] [-- service.py args]``.
 ``REF`` is a git revision (checked out into a temporary worktree) or a directory
-holding another checkout. The two trees take turns (old, new, old, new, ...) so that
+holding another checkout. This checkout's ``bench/service.py`` measures both
+(``--tree``), so only the code under test differs. The two trees take turns (old, new, old, new, ...) so that
 both see the same machine; the report gives each figure's median over the runs and
 the ratio new / old, and is written to ``bench/results/compare.json``.
 """
@@ -43,7 +44,9 @@ def _get(tree: dict, dotted: str):
 
 
 def _run(tree: Path, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, str(tree / "bench" / "service.py"), "--out", str(out), *extra]
+    # this tree's bench script measures both trees: the same measuring code for each
+    script = ROOT / "bench" / "service.py"
+    cmd = [sys.executable, str(script), "--tree", str(tree), "--out", str(out), *extra]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=tree, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["results"]
