@@ -3,9 +3,10 @@
 Usage: ``python bench/compare.py --baseline REF [--pairs 2] [-- service.py args]``.
 ``REF`` is a git revision (checked out into a temporary worktree) or a directory
 holding another checkout. This checkout's ``bench/service.py`` measures both
-(``--tree``), so only the code under test differs. The two trees take turns (old, new, old, new, ...) so that
-both see the same machine; the report gives each figure's median over the runs and
-the ratio new / old, and is written to ``bench/results/compare.json``.
+(``--tree``), so only the code under test differs. The two trees take turns
+(old, new, old, new, ...) so that both see the same machine; the report gives each
+figure's median over the runs and the ratio new / old, and is written to
+``bench/results/compare.json``.
 """
 
 from __future__ import annotations
