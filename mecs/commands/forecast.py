@@ -11,6 +11,7 @@ The ensemble is the analysis at ``--init-time`` (member 0, the control) plus
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -275,31 +276,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="forecast.zarr", help="output zarr store")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--output-every", type=int, default=1, help="keep every Nth step")
+    # defaults are the client's and the service's own (one place each)
+    from service.client import POLICIES, CorrectionClient
+    from service.settings import ServiceSettings
+
+    client = inspect.signature(CorrectionClient).parameters
+    service = ServiceSettings.model_fields
     p.add_argument(
         "--degrade",
-        choices=["raise", "zero", "last"],
-        default="raise",
+        choices=list(POLICIES),
+        default=client["degrade"].default,
         help="when the service fails: stop, use no correction, or reuse the last",
     )
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per service call")
-    p.add_argument("--retries", type=int, default=2, help="retries per service call")
+    p.add_argument(
+        "--timeout", type=float, default=client["timeout"].default, help="seconds per service call"
+    )
+    p.add_argument(
+        "--retries", type=int, default=client["retries"].default, help="retries per service call"
+    )
     p.add_argument(
         "--cap-std",
         type=float,
-        default=10.0,
+        default=service["correction_cap_std"].default,
         help="in-process only: magnitude cap in training stds (0: off), as the "
         "service's MECS_CORRECTION_CAP_STD",
     )
     p.add_argument(
         "--ood-std",
         type=float,
-        default=6.0,
+        default=service["ood_threshold_std"].default,
         help="in-process only: out-of-distribution threshold in training stds",
     )
     p.add_argument(
         "--runtime",
-        default="onnxruntime",
-        choices=["onnxruntime", "torchscript", "eager"],
+        default=service["runtime"].default,
+        choices=list(service["runtime"].annotation.__args__),
         help="in-process only: inference runtime, as the service's "
         "MECS_RUNTIME (checked against eager at load, falls back)",
     )
