@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -150,12 +151,9 @@ def read_keys_file(path: Path) -> dict[str, list[str]]:
     if os.name == "posix" and path.stat().st_mode & 0o077:
         log.warning("api_keys_file %s is readable by group or others; chmod 600 it", path)
     try:
-        data = (
-            read_settings_file(path, "api_keys_file")
-            if path.suffix == ".toml"
-            else json.loads(text)
-        )
-    except (ValueError, SettingsFileError) as err:
+        # parsed from the text already read: the secrets file is opened once
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as err:  # tomllib.TOMLDecodeError is a ValueError
         raise SettingsError(f"api_keys_file {path}: cannot parse: {err}") from None
     unknown = set(data) - {"inference", "admin"} if isinstance(data, dict) else {"<not a map>"}
     if unknown:

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from correction.training.finetune import MODES
+    from correction.training.settings import MODES
 
     p = sub.add_parser("finetune", help="online fine-tuning, unrolled in time")
     p.add_argument("--mode", choices=MODES, default=None, help="default: hybrid")

@@ -33,7 +33,7 @@ from correction.corrections import Correction
 from correction.hosts import HostModel
 from correction.rollout import Gradient, rollout
 
-from ..settings import MODES as SETTINGS_MODES
+from ..settings import MODES
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -42,7 +42,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     """Add a strategy to :data:`STRATEGIES` under its ``name``."""
     if cls.name in STRATEGIES:
         raise ValueError(f"fine-tuning mode {cls.name!r} is registered twice")
-    if cls.name not in SETTINGS_MODES:
+    if cls.name not in MODES:
         raise ValueError(f"fine-tuning mode {cls.name!r} is not in the settings' MODES")
     STRATEGIES[cls.name] = cls
     return cls
@@ -192,6 +192,6 @@ def make_strategy(mode: str, *args, **kwargs) -> Strategy:
     return cls(*args, **kwargs)
 
 
-MODES: tuple[str, ...] = tuple(STRATEGIES)
-assert MODES == SETTINGS_MODES, (MODES, SETTINGS_MODES)
+if tuple(STRATEGIES) != MODES:  # every mode the settings accept has its strategy
+    raise ImportError(f"fine-tuning strategies {tuple(STRATEGIES)} differ from MODES {MODES}")
 NEEDS_EMULATOR: tuple[str, ...] = tuple(k for k, v in STRATEGIES.items() if v.needs_emulator)
