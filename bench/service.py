@@ -320,7 +320,9 @@ def main() -> None:
 
         stdlib = "transport" in inspect.signature(CorrectionClient).parameters
         with contextlib.ExitStack() as clients:
-            server = clients.enter_context(Server(repo))
+            # JSON bodies are limited (4 MiB by default); the 4 MB state's JSON figure
+            # needs a larger limit
+            server = clients.enter_context(Server(repo, max_json_body_bytes=64 << 20))
             c = clients.enter_context(CorrectionClient(server.url, "l96", timeout=120))
             # 1. one call; interleaved blocks, so that every figure sees the same machine
             runtime = build_runtime(corr.model, (1, 36), "onnxruntime")

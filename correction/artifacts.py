@@ -4,8 +4,14 @@ The layout mirrors Triton's model repository. Weights are safetensors (no pickle
 ever); ``config.json`` carries everything needed to rebuild the model in one call:
 network name and parameters, the input/output layout, the normalisation
 statistics, training provenance and metrics, the parent version and the package
-version, plus the weights' sha256 so that a corrupted or truncated file is caught
-on load rather than served.
+version, plus two sha256 digests checked on load: of the weights file, and of the
+config itself with the weights digest (``config_sha256``), so that a corrupted or
+truncated file, or an edited normalisation or layout, is refused rather than served.
+
+Only what ``publish`` makes is a version: a directory named by an ASCII integer
+without leading zeros (``1``, ``2``, ...; not ``01``, not other scripts' digits),
+not a symbolic link, holding regular files. A symlink could make a directory
+outside the repository the served default; it is skipped.
 
 Publishing writes into a hidden temporary directory inside ``<name>/`` and renames
 it to the next free version number, so a reader (the service's poller) never sees
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -25,6 +32,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .layout import ModelLayout
 from .networks import CorrectionModel
@@ -34,13 +42,17 @@ from .storage import (
     new_staging_path,
     remove_stale_partials,
     rename_exclusive,
+    share_tree,
 )
 from .version import __version__
+
+log = logging.getLogger("mecs.artifacts")
 
 FORMAT = "mecs-model/1"
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", re.ASCII)
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$", re.ASCII)
 
 
 class ArtifactError(RuntimeError):
@@ -63,13 +75,24 @@ def check_name(name: str) -> str:
     return name
 
 
+def is_version_name(text: str) -> bool:
+    """``"3"`` is a version; ``"03"``, ``"0"``, ``"\u0663"`` (Arabic-Indic three) are not."""
+    return bool(_VERSION_RE.match(text))
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def list_versions(repository: str | Path, name: str) -> list[int]:
     """Complete versions of ``name`` in ascending order (hidden temp dirs ignored)."""
     root = Path(repository) / check_name(name)
-    if not root.is_dir():
+    if not _real_dir(root):
         return []
     return sorted(
-        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / CONFIG).is_file()
+        int(p.name)
+        for p in root.iterdir()
+        if is_version_name(p.name) and _real_dir(p) and (p / CONFIG).is_file()
     )
 
 
@@ -77,8 +100,25 @@ def list_models(repository: str | Path) -> list[str]:
     root = Path(repository)
     if not root.is_dir():
         return []
-    names = (p.name for p in root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+    names = (p.name for p in root.iterdir() if _real_dir(p) and _NAME_RE.match(p.name))
     return sorted(n for n in names if list_versions(root, n))
+
+
+def fingerprint(path: str | Path) -> tuple:
+    """Names, sizes and modification times of a version's files: changes when it does.
+
+    The service retries a version that failed to load once this changes (a version
+    copied by hand, config first and weights later, is complete on a later scan).
+    """
+    path = Path(path)
+    try:
+        return tuple(
+            sorted(
+                (p.name, st.st_size, st.st_mtime_ns) for p in path.iterdir() for st in [p.lstat()]
+            )
+        )
+    except OSError:
+        return ()
 
 
 def resolve(repository: str | Path, name: str, version: int | None = None) -> ModelVersion:
@@ -126,11 +166,57 @@ def build_config(
     }
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """sha256 of everything in ``config`` but this digest: canonical JSON, sorted keys.
+
+    The config holds the weights' own digest, so this one covers what a version
+    computes: network, layout, normalisation and weights.
+    """
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_config(directory: Path, body: dict[str, Any]) -> None:
+    body["config_sha256"] = config_digest(body)
+    (directory / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def _write_weights(directory: Path, model: torch.nn.Module) -> str:
     """Save the model's state dict as safetensors in ``directory``; return its sha256."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    save_file(_tensors(model), str(directory / WEIGHTS), metadata={"format": FORMAT})
     return _sha256(directory / WEIGHTS)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The ``weights_sha256`` that publishing ``model`` would record (same bytes)."""
+    return hashlib.sha256(safetensors_bytes(_tensors(model), {"format": FORMAT})).hexdigest()
+
+
+def find_published(
+    repository: str | Path, name: str, weights_sha256: str, run_key: str
+) -> ModelVersion | None:
+    """A version of ``name`` holding these weights from the run ``run_key``, if any.
+
+    A training job killed after publishing and before cleaning up its checkpoint
+    finds its own version here when it is run again, instead of publishing a copy.
+    """
+    for v in reversed(list_versions(repository, name)):
+        path = Path(repository) / name / str(v)
+        try:
+            config = read_config(path)
+        except ArtifactError:
+            continue
+        if (
+            config.get("weights_sha256") == weights_sha256
+            and (config.get("training") or {}).get("run_key") == run_key
+        ):
+            return ModelVersion(name, v, path)
+    return None
 
 
 def publish(
@@ -157,14 +243,13 @@ def publish(
             weights_sha256=_write_weights(tmp, model),
             published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
-        for attempt in range(100):
-            v = (
-                version
-                if version is not None
-                else (max(list_versions(repository, name), default=0) + 1 + attempt)
-            )
+        for _attempt in range(100):
+            # the next number after what is on disk now: a publisher that lost a race
+            # takes the one after the winner's, so racing publishers leave no gaps
+            v = version if version is not None else max(_numbers_in(root), default=0) + 1
             body["version"] = v
-            (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+            _write_config(tmp, body)
+            share_tree(tmp)
             fsync_tree(tmp)
             if rename_exclusive(tmp, root / str(v)):  # atomic; refused if the target exists
                 return ModelVersion(name, v, root / str(v))
@@ -176,6 +261,11 @@ def publish(
             discard(tmp)
 
 
+def _numbers_in(root: Path) -> list[int]:
+    """Every version number taken in ``root``, complete or not (a rename target)."""
+    return [int(p.name) for p in root.iterdir() if is_version_name(p.name)]
+
+
 def save(path: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> Path:
     """Write one artifact directory at ``path`` atomically (for emulators and the like)."""
     path = Path(path)
@@ -185,7 +275,8 @@ def save(path: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> Pa
     tmp = new_staging_path(path)
     try:
         body = dict(config, weights_sha256=_write_weights(tmp, model))
-        (tmp / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        _write_config(tmp, body)
+        share_tree(tmp)
         fsync_tree(tmp)
         if not rename_exclusive(tmp, path):
             raise ArtifactError(f"{path} already exists")
@@ -228,8 +319,24 @@ def load(path: str | Path) -> tuple[CorrectionModel, dict[str, Any]]:
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS
+    for f in (path / CONFIG, weights):
+        if f.is_symlink():
+            raise ArtifactError(f"{f} is a symbolic link; a model version holds regular files only")
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    want = config.get("config_sha256")
+    if want is None:
+        log.warning(
+            "%s: no config_sha256 (published before mecs checked its configs); the "
+            "weights are verified, the config is not",
+            path / CONFIG,
+        )
+    elif config_digest(config) != want:
+        raise ArtifactError(
+            f"{path / CONFIG}: config checksum mismatch (the file was edited or damaged "
+            "after publishing; normalisation, layout or network may differ from what was "
+            "trained); publish a new version instead of editing one"
+        )
     digest = _sha256(weights)
     if digest != config.get("weights_sha256"):
         raise ArtifactError(

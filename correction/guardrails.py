@@ -87,8 +87,10 @@ class GuardedCorrector:
         threads: int = 1,
         arena: bool = False,
         label: str | None = None,
+        max_values: int | None = None,
     ) -> None:
         self.guard = Guardrails(corrector, cap_std, ood_threshold_std)
+        self.max_values = max_values
         self.dtype = model_dtype(corrector.model)
         # the network takes [B, C, *H]: a state [B, *state_shape] is that layout
         # already (several fields) or a reshape of it (one field)
@@ -111,7 +113,15 @@ class GuardedCorrector:
         ``state`` is ``[B, *state_shape]``, contiguous, in :attr:`dtype`.
         """
         n = state.shape[0]
-        y = self.runtime(state.reshape(n, *self.packed), forcings)
+        packed = state.reshape(n, *self.packed)
+        per = max(1, (self.max_values or state.size) // max(1, packed[0].size))
+        if n <= per:
+            y = self.runtime(packed, forcings)
+        else:  # in pieces: the network's working memory is that of one piece
+            y = np.empty(packed.shape, dtype=self.dtype)
+            for i in range(0, n, per):
+                f = None if forcings is None else forcings[i : i + per]
+                y[i : i + per] = self.runtime(packed[i : i + per], f)
         return self.guard.apply(state, y.reshape(state.shape))
 
 

@@ -162,6 +162,26 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     _replace(staging, out)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_tree(directory: Path) -> None:
+    """Give ``directory`` and everything in it the modes of fresh files under the umask.
+
+    Some writers (safetensors) create files 0600; a published version read by a
+    service running under another uid than the trainer must be readable, as a file
+    made with ``open`` would be (0644 and 0755 under the usual umask 022).
+    """
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for p in directory.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def fsync_tree(directory: Path) -> None:
     """Flush every file of ``directory`` and the directory itself to disk."""
     for p in directory.rglob("*"):

@@ -12,6 +12,7 @@ forward from fighting the event loop for the machine's cores.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import inspect
@@ -30,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from correction.version import __version__
@@ -114,13 +115,19 @@ async def _fast_infer(request: Request, name: str, version: str | None) -> Respo
         return await infer_handler(request, name, version)
     except ServiceError as exc:
         return _error(exc.status, exc.message, exc.headers)
+    except ClientDisconnect:
+        return _client_gone(request)
     except Exception as exc:  # as the app's handler: logged, never a traceback to callers
         log.exception("internal error on infer for model %r", name)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``body_timeout_s``."""
+
+
 class ServiceMiddleware:
-    """Pure ASGI middleware: body limit, batching tickets, HTTP metrics, infer fast path.
+    """Pure ASGI middleware: admission, body limits and timeout, metrics, infer fast path.
 
     Pure ASGI (not ``BaseHTTPMiddleware``) because it sits on every request of a
     service whose whole budget is a few hundred microseconds. For the same reason
@@ -129,35 +136,84 @@ class ServiceMiddleware:
     machine, a quarter of the round trip. The routes in :mod:`service.routers.models`
     document the endpoint (OpenAPI) and run the same handler when the app is used
     without this middleware.
+
+    Admission, before a byte of the body is read: a body over ``max_body_bytes``
+    (or a JSON body over ``max_json_body_bytes``: JSON is decoded on the event loop,
+    where a large one would stall every other connection) is a 413; a body that
+    would take the bytes admitted over all connections past
+    ``max_inflight_body_bytes`` is a 503 with ``Retry-After``, so memory is bounded
+    by what is admitted, not by how many clients send at once. Chunked bodies are
+    counted as they arrive. A body that has not arrived within ``body_timeout_s``
+    is answered 408 and its connection closed: a stalled sender holds no
+    connection forever. The timer is one ``call_later`` per request, cancelled
+    when the body is complete (for a small call, on its first ``receive``).
     """
 
     def __init__(self, app: Any, state: ServiceState) -> None:
         self.app = app
         self.state = state
+        self.inflight_bytes = 0
+
+    async def _refuse(self, scope, receive, send, status, message, headers=None) -> None:
+        state = self.state
+        await _error(status, message, headers)(scope, receive, send)
+        state.metrics.cached(
+            state.metrics.http_requests, "other", scope["method"], str(status)
+        ).inc()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         state = self.state
-        limit = state.settings.max_body_bytes
+        settings = state.settings
         t0 = time.perf_counter()
+        declared: int | None = None
+        chunked = is_json = True  # chunked: no length declared, the body may still come
         for key, value in scope["headers"]:
             if key == b"content-length":
-                if not value.isdigit() or int(value) > limit:
-                    too_big = value.isdigit()
-                    status = 413 if too_big else 400
-                    msg = (
-                        f"request body of {int(value)} bytes exceeds the limit of {limit} bytes"
-                        if too_big
-                        else "Content-Length is not a number"
-                    )
-                    await JSONResponse({"error": msg}, status)(scope, receive, send)
-                    state.metrics.cached(
-                        state.metrics.http_requests, "other", scope["method"], str(status)
-                    ).inc()
+                if not value.isdigit():
+                    await self._refuse(scope, receive, send, 400, "Content-Length is not a number")
                     return
-                break
+                declared = int(value)
+            elif key == b"inference-header-content-length":
+                is_json = False
+            elif key == b"transfer-encoding":
+                chunked = True
+        if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            chunked = False
+        limit = settings.max_json_body_bytes if is_json else settings.max_body_bytes
+        limit = min(limit, settings.max_body_bytes)
+        if declared is not None and declared > limit:
+            what = (
+                "JSON request body"
+                if is_json and limit < settings.max_body_bytes
+                else "request body"
+            )
+            hint = "; send large states with the binary tensor extension" if is_json else ""
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                413,
+                f"{what} of {declared} bytes exceeds the limit of {limit} bytes{hint}",
+            )
+            return
+        reserved = declared or 0
+        if reserved and self.inflight_bytes + reserved > settings.max_inflight_body_bytes:
+            state.metrics.cached(state.metrics.admission_refused, "bytes").inc()
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                503,
+                f"server busy: {self.inflight_bytes} request bytes already admitted (limit "
+                f"{settings.max_inflight_body_bytes}); retry shortly",
+                {"Retry-After": "1"},
+            )
+            return
+        self.inflight_bytes += reserved
+        scope["mecs.content_length"] = declared
         ticket = None
         repo = state.repository
         path = scope["path"]
@@ -168,15 +224,39 @@ class ServiceMiddleware:
                 scope["mecs.ticket"] = ticket
         status = [500]
         received = 0
+        timer = None
+        timed_out = False
+        task = asyncio.current_task()
+        if declared or chunked:
+
+            def on_timeout() -> None:
+                nonlocal timed_out
+                timed_out = True
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_later(settings.body_timeout_s, on_timeout)
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, reserved, timer
             message = await receive()
             body = message.get("body")
             if body:
                 received += len(body)
                 if received > limit:
                     raise ServiceError(413, f"request body exceeds the limit of {limit} bytes")
+                if chunked:  # no length declared: admitted as it arrives
+                    self.inflight_bytes += len(body)
+                    reserved += len(body)
+                    if self.inflight_bytes > settings.max_inflight_body_bytes:
+                        state.metrics.cached(state.metrics.admission_refused, "bytes").inc()
+                        raise ServiceError(
+                            503,
+                            "server busy: too many request bytes admitted; retry shortly",
+                            {"Retry-After": "1"},
+                        )
+            if timer is not None and not message.get("more_body", False):
+                timer.cancel()
+                timer = None
             return message
 
         async def send_status(message):
@@ -194,7 +274,22 @@ class ServiceMiddleware:
                 endpoint = INFER_VERSION_ROUTE if version is not None else INFER_ROUTE
                 response = await _fast_infer(Request(scope, limited_receive), name, version)
                 await response(scope, receive, send_status)
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            task.uncancel()
+            log.info(
+                "request body from %s not complete after %.0f s (%d bytes); answered 408",
+                _peer_of(scope),
+                settings.body_timeout_s,
+                received,
+            )
+            msg = f"request body not received within {settings.body_timeout_s:g} s"
+            await _error(408, msg, {"Connection": "close"})(scope, receive, send_status)
         finally:
+            if timer is not None:
+                timer.cancel()
+            self.inflight_bytes -= reserved
             if ticket is not None:
                 ticket.close()
             if endpoint is None:
@@ -202,6 +297,30 @@ class ServiceMiddleware:
             m = state.metrics
             m.cached(m.http_requests, endpoint, scope["method"], str(status[0])).inc()
             m.cached(m.http_latency, endpoint).observe(time.perf_counter() - t0)
+
+
+#: the status recorded for a request whose client went away before it was read (nginx's
+#: convention; nothing is sent, the connection is gone)
+CLIENT_CLOSED = 499
+
+
+def _client_gone(request: Request) -> Response:
+    log.info(
+        "client %s closed the connection during %s %s",
+        _peer(request),
+        request.method,
+        request.url.path,
+    )
+    return Response(status_code=CLIENT_CLOSED)
+
+
+def _peer(request: Request) -> str:
+    return _peer_of(request.scope)
+
+
+def _peer_of(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -223,6 +342,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error(422, f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc: ClientDisconnect):
+        return _client_gone(request)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # never leak a traceback to callers

@@ -127,6 +127,12 @@ class ServiceMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.nonfinite_outputs = Counter(
+            "mecs_nonfinite_outputs",
+            "infer requests answered 500 because the model returned NaN or Inf",
+            ["model", "version"],
+            registry=r,
+        )
         self.client_degraded = Counter(
             "mecs_client_degraded_steps",
             "steps clients ran without a fresh correction, as they report on reconnection",
@@ -137,6 +143,12 @@ class ServiceMetrics:
             "mecs_overload_rejections",
             "requests refused with 503 (queue full)",
             ["model"],
+            registry=r,
+        )
+        self.admission_refused = Counter(
+            "mecs_admission_refusals",
+            "requests refused with 503 before their body was read (admission full)",
+            ["reason"],
             registry=r,
         )
         self.auth_failures = Counter(

@@ -27,6 +27,9 @@ _HEADER_LENGTH_LOWER = HEADER_LENGTH.lower()
 DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 DTYPE_NAMES = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64"}
 MAX_RANK = 8
+#: the most degraded steps one infer call may report (``parameters.degraded_steps``);
+#: a client with more sends the rest with its next calls
+MAX_DEGRADED_STEPS_PER_CALL = 1000
 
 
 class ProtocolError(ValueError):
@@ -53,6 +56,21 @@ class InferRequest:
 
     def wants_binary(self, name: str) -> bool:
         return name in self.binary_outputs or self.binary_default
+
+
+def loads_json(text: bytes | bytearray | memoryview | str, what: str) -> Any:
+    """``json.loads`` whose every failure is a :class:`ProtocolError` naming ``what``.
+
+    Deep nesting (``[[[[...]]]]`` a thousand levels down, anywhere in the document)
+    makes the decoder raise ``RecursionError``; that is the client's fault like any
+    other malformed body, so it is a 400 and never reaches the log as a traceback.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply to be decoded") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"{what} is not valid JSON: {err}") from None
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -99,10 +117,7 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None) -> 
         header_bytes, payload = body[:hlen], memoryview(body)[hlen:]
     else:
         header_bytes, payload = body, memoryview(b"")
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ProtocolError(f"request body is not valid JSON: {err}") from None
+    header = loads_json(header_bytes, "request body")
     if not isinstance(header, dict):
         raise ProtocolError("request body must be a JSON object with an 'inputs' list")
     rid = header.get("id")

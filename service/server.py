@@ -39,16 +39,19 @@ def build_server(settings: ServiceSettings, app=None) -> uvicorn.Server:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_keep_alive=int(max(1, settings.keep_alive_s)),
+        limit_concurrency=settings.max_connections,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         timeout_graceful_shutdown=30,
         server_header=False,
     )
     return uvicorn.Server(config)
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def serve(
@@ -58,7 +61,7 @@ def serve(
     server = build_server(settings, app)
     sock = bind_socket(settings.host, settings.port)
     if on_ready is not None:
-        url = url_of(sock)
+        url = url_of(sock, settings.ssl_certfile is not None)
         original = server.startup
 
         async def startup(sockets=None):
@@ -76,7 +79,7 @@ class ServerThread:
         self.settings = settings
         self.server = build_server(settings, app)
         self.sock = bind_socket(settings.host, settings.port)
-        self.url = url_of(self.sock)
+        self.url = url_of(self.sock, settings.ssl_certfile is not None)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

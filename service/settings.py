@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from correction.config_files import SettingsFileError, read_settings_file
@@ -51,6 +51,30 @@ class ServiceSettings(BaseSettings):
         False, description="serve without keys on a non-loopback host (not recommended)"
     )
     max_body_bytes: int = Field(64 << 20, gt=0, description="request body limit (413 above)")
+    max_json_body_bytes: int = Field(
+        4 << 20,
+        gt=0,
+        description="limit of a JSON body (413 above): JSON is decoded on the event loop, "
+        "so large states go binary",
+    )
+    max_inflight_body_bytes: int = Field(
+        256 << 20,
+        gt=0,
+        description="request bytes admitted at once over all connections; a request that "
+        "would pass it gets 503 with Retry-After",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this time (408 and close)"
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="concurrent connections and requests (uvicorn answers 503 above)"
+    )
+    forward_max_values: int = Field(
+        1 << 21,
+        ge=1,
+        description="values per forward pass: a larger batch runs in pieces, bounding the "
+        "network's working memory",
+    )
     batch_max_size: int = Field(
         64, ge=1, description="samples per forward pass; 1 turns micro-batching off"
     )
@@ -104,6 +128,10 @@ class ServiceSettings(BaseSettings):
         description="FastAPI's native OpenTelemetry (when a provider is configured); off, it "
         "costs nothing per request",
     )
+    ssl_certfile: Path | None = Field(
+        None, description="serve https with this PEM certificate (chain) file"
+    )
+    ssl_keyfile: Path | None = Field(None, description="the private key of ssl_certfile (PEM)")
     keep_alive_s: float = Field(75.0, gt=0, description="idle keep-alive connection timeout")
     metrics_require_auth: bool = Field(False, description="/metrics needs an admin key")
     docs_enabled: bool = Field(True, description="serve /docs and /openapi.json")
@@ -116,12 +144,29 @@ class ServiceSettings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
+    @field_validator("ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("correction_cap_std")
     @classmethod
     def _cap(cls, value: float | None) -> float | None:
         if value is not None and value < 0:
             raise ValueError("must be >= 0 (0 turns the cap off)")
         return value or None
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> ServiceSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: set both or neither")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}), or no request of the largest size "
+                "could ever be admitted"
+            )
+        return self
 
     def keys_by_scope(self) -> dict[str, list[str]]:
         """Keys from the settings plus the keys file, by scope ("inference", "admin")."""
@@ -207,4 +252,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        if not where:  # a rule between settings
+            raise SettingsError(f"settings: {first['msg'].removeprefix('Value error, ')}") from None
         raise SettingsError(f"setting '{where}': {first['msg']}") from None

@@ -68,7 +68,8 @@ json_values = st.recursive(
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=32),
     st.integers(-(2**70), 2**70),
-    st.sampled_from([0.0, 1.0, -1e300, 1e-300]),
+    # beyond float32's range: finite in FP64, infinite in the float32 model
+    st.sampled_from([0.0, 1.0, -1e300, 1e-300, 1e39, -3.5e38, 1.7976931348623157e308]),
 )
 shapes = st.one_of(
     st.just([1, 36]),
@@ -149,7 +150,14 @@ def test_fuzz_infer_requests(client, body, version):
 @given(
     header=infer_request(),
     payload=st.binary(max_size=600)
-    | st.sampled_from([np.ones((1, 36), "<f4").tobytes(), np.ones((2, 36), "<f8").tobytes()]),
+    | st.sampled_from(
+        [
+            np.ones((1, 36), "<f4").tobytes(),
+            np.ones((2, 36), "<f8").tobytes(),
+            np.full((1, 36), 1e39, "<f8").tobytes(),
+            np.full((2, 36), -1e300, "<f8").tobytes(),
+        ]
+    ),
     hlen=st.one_of(st.none(), st.integers(-5, 2000).map(str), st.text(max_size=5)),
     sizes=st.lists(st.integers(-10, 700) | json_values, max_size=3),
 )
@@ -212,6 +220,85 @@ def test_fuzz_every_endpoint(client, route, method, name, version, body, auth, c
     check(r)
     if auth in ("Bearer bad", "Basic x") and path.startswith(("/v2/models/", "/v2/repository")):
         assert r.status_code in (401, 404, 405)
+
+
+def _nest(value: str, depth: int, kind: str) -> str:
+    if kind == "list":
+        return "[" * depth + value + "]" * depth
+    return '{"a":' * depth + value + "}" * depth
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(
+    depth=st.integers(50, 20_000),
+    kind=st.sampled_from(["list", "dict"]),
+    where=st.sampled_from(["body", "data", "parameters", "id", "outputs", "load", "index"]),
+)
+def test_fuzz_deep_nesting(client, depth, kind, where):
+    deep = _nest("1", depth, kind)
+    path = "/v2/models/l96/infer"
+    state = '{"name":"state","datatype":"FP32","shape":[1,36],"data":DATA}'
+    body = {
+        "body": deep,
+        "data": '{"inputs":[STATE]}'.replace("STATE", state.replace("DATA", deep)),
+        "parameters": '{"parameters":{"dt":DEEP},"inputs":[STATE]}'.replace("DEEP", deep).replace(
+            "STATE", state.replace("DATA", "[1]")
+        ),
+        "id": '{"id":DEEP,"inputs":[]}'.replace("DEEP", deep),
+        "outputs": '{"outputs":DEEP,"inputs":[]}'.replace("DEEP", deep),
+        "load": '{"parameters":DEEP}'.replace("DEEP", deep),
+        "index": deep,
+    }[where]
+    if where == "load":
+        path = "/v2/repository/models/l96/load"
+    elif where == "index":
+        path = "/v2/repository/index"
+    check(client.post(path, content=body, headers={"Content-Type": "application/json"}))
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    from service.server import ServerThread
+
+    repo = tmp_path_factory.mktemp("fuzz-real") / "models"
+    publish(repo, "l96", *make_l96_model())
+    with ServerThread(service_settings(repo, body_timeout_s=2)) as server:
+        yield server
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    declared=st.integers(10, 100_000),
+    cut=st.floats(0, 0.99),
+    binary=st.booleans(),
+    linger=st.sampled_from([0.0, 0.01]),
+)
+def test_fuzz_disconnects(real_server, declared, cut, binary, linger):
+    """A client that sends part of a body and goes away: never a 5xx, never a traceback."""
+    import socket
+    import time
+
+    host, port = real_server.url.removeprefix("http://").split(":")
+    extra = f"{HEADER_LENGTH}: {declared // 2}\r\n" if binary else ""
+    head = (
+        f"POST /v2/models/l96/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n"
+        f"{extra}\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + b"[" * int(declared * cut))
+        if linger:
+            time.sleep(linger)
+
+
+def test_fuzz_disconnects_left_no_5xx(real_server):
+    import time
+
+    import httpx
+
+    time.sleep(0.3)  # the last disconnects are noticed
+    text = httpx.get(f"{real_server.url}/metrics").text
+    assert 'status="5' not in text
+    assert 'status="499"' in text
 
 
 def test_fuzz_left_the_service_healthy(client):

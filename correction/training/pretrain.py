@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -27,6 +28,8 @@ from correction.networks import CorrectionModel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchStream, IncrementSource
 from .settings import PretrainConfig
+
+log = logging.getLogger("mecs.pretrain")
 
 
 @dataclass
@@ -93,9 +96,8 @@ def pretrain(
     val = BatchStream(source, "val", 4096, cfg.seed, False, cfg.buffer_chunks)
 
     artifacts.check_name(name)
-    work = (
-        Path(work_dir) if work_dir else Path(repository) / name / f".train-{_run_key(source, cfg)}"
-    )
+    run_key = _run_key(source, cfg)
+    work = Path(work_dir) if work_dir else Path(repository) / name / f".train-{run_key}"
     ckpt = work / "checkpoint"
     history: list[dict[str, float]] = []
     best_val, best_epoch, bad_epochs, start_epoch = math.inf, -1, 0, 0
@@ -182,6 +184,7 @@ def pretrain(
         training={
             "stage": "pretrain",
             "mode": "one-step",
+            "run_key": run_key,
             "data": str(Path(data).absolute()),
             "data_hash": source.attrs.get("content_hash"),
             "window": source.attrs.get("window"),
@@ -193,7 +196,18 @@ def pretrain(
         metrics={"val_loss": best_val, "val_rmse": math.sqrt(best_val) * target_std},
         parent=None,
     )
-    mv = artifacts.publish(repository, name, model, config)
+    # a run killed after publishing and before removing its checkpoint is resumed
+    # here, finished: it finds its version instead of publishing the same weights twice
+    mv = artifacts.find_published(repository, name, artifacts.weights_digest(model), run_key)
+    if mv is None:
+        mv = artifacts.publish(repository, name, model, config)
+    else:
+        log.warning(
+            "this run was already published as %s version %d (stopped before its checkpoint "
+            "was removed); not publishing it again",
+            name,
+            mv.version,
+        )
     shutil.rmtree(work, ignore_errors=True)
     return PretrainResult(
         mv, best_epoch, best_val, len(history) - 1, resumed_from, history, time.perf_counter() - t0

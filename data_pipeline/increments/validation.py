@@ -122,6 +122,16 @@ def _time_axes(ana: xr.Dataset, fc: xr.Dataset) -> tuple:
     """The time axis type and the checked times: analyses, inits (values and numbers), leads."""
     ana_values = np.asarray(ana[TIME].values)
     init_values = np.asarray(fc[INIT].values)
+    for where, coord, store in (
+        ("analyses", TIME, ana),
+        ("forecasts", INIT, fc),
+        ("forecasts", LEAD, fc),
+    ):
+        if store.sizes.get(coord, 0) == 0:
+            raise InputError(
+                f"the {where} have no times ('{coord}' has length 0): there is nothing to "
+                "build increments from; check the input paths and any time selection"
+            )
     kind = _time_kind(ana_values, "analyses' time")
     init_kind = _time_kind(init_values, "forecasts' init_time")
     if kind != init_kind:

@@ -11,10 +11,12 @@ from .degradation import POLICIES, Policy
 from .transport import (
     TRANSPORTS,
     HttpClientTransport,
+    NotTheProtocol,
     RequestRejected,
     ServiceError,
     ServiceUnavailable,
     SocketTransport,
+    TLSFailure,
     make_transport,
 )
 
@@ -24,10 +26,12 @@ __all__ = [
     "CorrectionClient",
     "HttpClientTransport",
     "InferResult",
+    "NotTheProtocol",
     "Policy",
     "RequestRejected",
     "ServiceError",
     "ServiceUnavailable",
     "SocketTransport",
+    "TLSFailure",
     "make_transport",
 ]

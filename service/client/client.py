@@ -34,16 +34,20 @@ import numpy as np
 
 from ..protocol import (
     HEADER_LENGTH,
+    MAX_DEGRADED_STEPS_PER_CALL,
     decode_infer_response,
     encode_infer_request_parts,
 )
 from .degradation import Degradation, Policy
 from .transport import (
+    NotTheProtocol,
     RequestRejected,
     ServiceError,
     ServiceUnavailable,
+    TLSFailure,
     TransportName,
     error_message,
+    is_tls_failure,
     make_transport,
 )
 
@@ -89,6 +93,7 @@ class CorrectionClient(Degradation):
         cooldown_s: float = 2.0,
         transport: TransportName = "socket",
         ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self._init_degradation(degrade, failure_threshold, cooldown_s)
         parts = urlsplit(url)
@@ -100,6 +105,13 @@ class CorrectionClient(Degradation):
         self.binary = binary
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
+        if ca_file is not None:
+            if ssl_context is not None:
+                raise ValueError("give ssl_context or ca_file, not both")
+            try:  # a CA bundle (PEM) to trust instead of the system's store
+                ssl_context = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as err:
+                raise ValueError(f"ca_file {ca_file!r}: cannot load it: {err}") from None
         self._conn = make_transport(
             transport, parts.hostname, port, tls, connect_timeout, ssl_context
         )
@@ -149,6 +161,11 @@ class CorrectionClient(Degradation):
                     )
             except (OSError, ValueError) as err:  # refused, reset, timeout, garbage
                 self._conn.close()
+                if is_tls_failure(err):
+                    raise TLSFailure(
+                        f"{method} {self.url}{path}: TLS handshake failed: {err} (check the "
+                        "URL's scheme and the CA bundle: ca_file= or ssl_context=)"
+                    ) from None
                 kind = "timed out" if isinstance(err, TimeoutError) else "unreachable"
                 last = ServiceUnavailable(f"{method} {self.url}{path}: service {kind}: {err}")
                 continue
@@ -165,8 +182,14 @@ class CorrectionClient(Degradation):
         raise last  # type: ignore[misc]
 
     def _get_json(self, path: str) -> Any:
-        _, _, data = self._send("GET", path)
-        return json.loads(data)
+        _, h, data = self._send("GET", path)
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as err:
+            self._conn.close()
+            raise NotTheProtocol(
+                f"GET {path}: a 200 answer that is not JSON ({h.get('content-type', '?')}): {err}"
+            ) from None
 
     # -- protocol calls --------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -227,8 +250,9 @@ class CorrectionClient(Degradation):
         params: dict[str, Any] = {}
         if dt is not None:
             params["dt"] = float(dt)
-        if self._unreported:
-            params["degraded_steps"] = self._unreported
+        reported = min(self._unreported, MAX_DEGRADED_STEPS_PER_CALL)
+        if reported:
+            params["degraded_steps"] = reported
         inputs = {"state": batch}
         if forcings is not None:
             inputs["forcings"] = np.asarray(forcings, dtype=batch.dtype).reshape(len(batch), -1)
@@ -240,16 +264,38 @@ class CorrectionClient(Degradation):
         )
         self.calls += 1
         _, h, data = self._send("POST", self._infer_path, body, headers)
+        try:
+            result = self._result(data, h, batch, single)
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
+            # a 200 that is not the protocol: whatever sent it, this connection is suspect
+            self._conn.close()
+            what = h.get("content-type", "no content type")
+            raise NotTheProtocol(
+                f"POST {self._infer_path}: a 200 answer that is not an infer response "
+                f"({what}; {type(err).__name__}: {err}); is a proxy answering for the service?"
+            ) from None
+        self._unreported -= reported
+        self.last_result = result
+        return result
+
+    def _result(
+        self, data: bytearray, h: dict[str, str], batch: np.ndarray, single: bool
+    ) -> InferResult:
         header, arrays = decode_infer_response(data, h.get(HEADER_LENGTH.lower()))
-        self._unreported = 0
-        p = header.get("parameters", {})
+        if not isinstance(header, dict):
+            raise ValueError("the JSON answer is not an object")
+        p = header.get("parameters") or {}
         corr = arrays["correction"]
+        if corr.shape != batch.shape:
+            raise ValueError(
+                f"correction of shape {list(corr.shape)} for a state {list(batch.shape)}"
+            )
         flags = [False] * len(batch)
         for i in filter(None, str(p.get("out_of_distribution_samples", "")).split(",")):
             flags[int(i)] = True
-        result = InferResult(
+        return InferResult(
             correction=corr[0] if single else corr,
-            model_name=header["model_name"],
+            model_name=str(header["model_name"]),
             model_version=int(header["model_version"]),
             out_of_distribution=flags,
             capped_values=int(p.get("capped_values", 0)),
@@ -258,8 +304,6 @@ class CorrectionClient(Degradation):
             id=header.get("id"),
             server_timing_ms=_server_timing(h.get("server-timing", "")),
         )
-        self.last_result = result
-        return result
 
     def close(self) -> None:
         self._conn.close()

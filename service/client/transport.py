@@ -48,6 +48,25 @@ class RequestRejected(ServiceError):
     """A 4xx answer: the request itself is wrong; never retried, never degraded."""
 
 
+class NotTheProtocol(ServiceUnavailable):
+    """A 2xx answer that is not an Open Inference Protocol answer (a proxy's HTML page,
+    JSON without ``model_name``, tensors that do not add up): degradable, and counted
+    by the circuit breaker like any other outage."""
+
+
+class TLSFailure(ServiceError):
+    """The TLS handshake failed (untrusted or mismatched certificate, https to a plain
+    HTTP server): a configuration fault that waiting will not fix, so it is raised
+    under every degradation policy instead of degrading quietly forever."""
+
+
+def is_tls_failure(err: BaseException) -> bool:
+    """An ``ssl`` error other than a connection cut short (those are outages)."""
+    return isinstance(err, ssl.SSLError) and not isinstance(
+        err, ssl.SSLEOFError | ssl.SSLZeroReturnError
+    )
+
+
 class Transport(Protocol):
     """One keep-alive connection: ``request`` sends and returns (status, headers, body).
 
@@ -85,7 +104,9 @@ class _Endpoint:
         """Per-transport state (no connection is opened before the first request)."""
 
     def _context(self) -> ssl.SSLContext:
-        return self.ssl_context or ssl.create_default_context()
+        if self.ssl_context is None:  # built once: the system's trust store is read once
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
 
 
 class SocketTransport(_Endpoint):

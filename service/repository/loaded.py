@@ -41,6 +41,7 @@ class LoadedModel:
             settings.torch_threads,
             settings.runtime_arena,
             label=f"model '{self.name}' v{self.version}",
+            max_values=settings.forward_max_values,
         )
         self.dtype = self.forward.dtype
         self.runtime = self.forward.runtime

@@ -58,6 +58,9 @@ class ModelSlot:
     pin: int | None = None
     unloaded: bool = False
     failed: dict[int, str] = field(default_factory=dict)
+    # what each failed version's directory looked like when it failed: a changed one
+    # (a hand copy that completed, a fixed file) is tried again
+    failed_at: dict[int, tuple] = field(default_factory=dict)
     loading: dict[int, asyncio.Future] = field(default_factory=dict)
 
 
@@ -140,6 +143,9 @@ class ModelRepository:
         except Exception as err:  # any broken version is reported, never served
             msg = str(err) or type(err).__name__
             slot.failed[version] = msg
+            slot.failed_at[version] = await asyncio.to_thread(
+                artifacts.fingerprint, self.root / slot.name / str(version)
+            )
             self.metrics.loads.labels(slot.name, "failed").inc()
             log.error("cannot load model '%s' version %s: %s", slot.name, version, msg)
             exc = ServiceError(503, f"model '{slot.name}' version {version} failed to load: {msg}")
@@ -149,6 +155,7 @@ class ModelRepository:
         finally:
             slot.loading.pop(version, None)
         slot.failed.pop(version, None)
+        slot.failed_at.pop(version, None)
         model.batcher.attach()
         self.metrics.loads.labels(slot.name, "ok").inc()
         future.set_result(model)
@@ -174,6 +181,13 @@ class ModelRepository:
             versions.add(slot.default.version)
         self.metrics.versions_loaded.labels(slot.name).set(len(versions))
 
+    def _changed_since_failure(self, slot: ModelSlot) -> None:
+        """Forget the failures of versions whose files changed since (tried again)."""
+        for v, seen in list(slot.failed_at.items()):
+            if artifacts.fingerprint(self.root / slot.name / str(v)) != seen:
+                slot.failed.pop(v, None)
+                slot.failed_at.pop(v, None)
+
     async def refresh(self, only: str | None = None) -> None:
         """Scan the repository and move each model's default to its target version."""
         async with self._lock:
@@ -184,7 +198,9 @@ class ModelRepository:
                 slot = self.slots.setdefault(name, ModelSlot(name))
                 if slot.unloaded or not versions:
                     continue
-                if slot.pin in versions:
+                if slot.failed_at:
+                    await asyncio.to_thread(self._changed_since_failure, slot)
+                if slot.pin in versions and slot.pin not in slot.failed:
                     targets = [slot.pin]
                 else:  # newest first; a version that fails to load is skipped
                     targets = [v for v in reversed(versions) if v not in slot.failed]
@@ -284,13 +300,16 @@ class ModelRepository:
             raise ServiceError(404, f"model '{name}' has no version {version} (have {versions})")
         async with self._lock:
             slot = self.slots.setdefault(name, ModelSlot(name))
-            slot.unloaded = False
-            slot.pin = version
             target = version if version is not None else versions[-1]
-            slot.failed.pop(target, None)
+            slot.failed.pop(target, None)  # an explicit load always tries again
+            slot.failed_at.pop(target, None)
             if slot.default is None or slot.default.version != target:
+                # a version that fails to load raises here, before the pin or the
+                # unloaded flag change: the model keeps serving (and following) as before
                 model = slot.pinned.pop(target, None) or await self._load(slot, target)
                 self._set_default(slot, model)
+            slot.unloaded = False
+            slot.pin = version
             return slot.default
 
     async def unload(self, name: str) -> None:

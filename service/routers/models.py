@@ -8,18 +8,23 @@ and answers the correction in the request's datatype and transport.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import math
 import time
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from starlette.requests import ClientDisconnect
 
 from ..auth import InferenceScope
 from ..errors import ServiceError
 from ..protocol import (
     DATATYPES,
     DTYPE_NAMES,
+    MAX_DEGRADED_STEPS_PER_CALL,
     InferRequest,
     ProtocolError,
     encode_message_parts,
@@ -28,6 +33,8 @@ from ..protocol import (
 from ..repository import LoadedModel
 from ..schemas import ERRORS, InferResponseDoc, ModelMetadata
 from .params import parse_version
+
+log = logging.getLogger("mecs.service")
 
 router = APIRouter(prefix="/v2/models", tags=["models"], responses=ERRORS)
 
@@ -165,18 +172,40 @@ def _validate(model: LoadedModel, req: InferRequest) -> tuple[np.ndarray, np.nda
                 f"[{x.shape[0]}, {model.n_forcings}]",
                 "shape",
             )
-    for name, arr in (("state", x), ("forcings", f)):
-        if arr is not None and not np.isfinite(arr).all():
-            bad = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
-            raise _reject(
-                f"input '{name}' contains NaN or Inf (samples {bad[:10].tolist()})", "nonfinite"
-            )
-    x = np.ascontiguousarray(x, dtype=model.dtype)
+    x = _in_model_dtype(model, "state", x)
+    if f is not None:
+        f = np.array(_in_model_dtype(model, "forcings", f))  # its own writable copy
     if not x.flags.writeable:
         x = x.copy()
-    if f is not None:
-        f = np.array(f, dtype=model.dtype)
     return x, f
+
+
+def _in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray) -> np.ndarray:
+    """``arr`` as a contiguous array in the model's dtype, every value finite in it.
+
+    The check runs on the cast array, where it matters: an FP64 value above float32's
+    largest (3.4e38) is finite in the request but infinite in a float32 model, and
+    its correction would come back NaN. Casting first and checking once costs no
+    more than checking the input.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=model.dtype)
+    if np.isfinite(out).all():
+        return out
+    flat = out.reshape(out.shape[0], -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+    if np.isfinite(arr).all():
+        first = int(bad[0])
+        j = int(np.flatnonzero(~np.isfinite(flat[first]))[0])
+        value = float(arr.reshape(arr.shape[0], -1)[first, j])
+        limit = float(np.finfo(model.dtype).max)
+        raise _reject(
+            f"input '{name}' holds values outside the range of the model's "
+            f"{model.dtype.name} (|x| <= {limit:.7g}): {value!r} at sample {first}, "
+            f"index {j} (samples {bad[:10].tolist()})",
+            "range",
+        )
+    raise _reject(f"input '{name}' contains NaN or Inf (samples {bad[:10].tolist()})", "nonfinite")
 
 
 def _parameters(req: InferRequest) -> tuple[dict, int]:
@@ -195,8 +224,18 @@ def _parameters(req: InferRequest) -> tuple[dict, int]:
             )
         out["dt"] = dt
     degraded = params.get("degraded_steps", 0)
-    if isinstance(degraded, bool) or not isinstance(degraded, int) or not 0 <= degraded < 1 << 40:
-        raise _reject("parameter 'degraded_steps' must be a non-negative integer", "bad_request")
+    if (
+        isinstance(degraded, bool)
+        or not isinstance(degraded, int)
+        or not 0 <= degraded <= MAX_DEGRADED_STEPS_PER_CALL
+    ):
+        # a bound, so one call (of any key) cannot move the fleet-wide counter by 2^40:
+        # clients carry a longer outage over to their next calls
+        raise _reject(
+            f"parameter 'degraded_steps' must be an integer from 0 to "
+            f"{MAX_DEGRADED_STEPS_PER_CALL}, got {degraded!r}",
+            "bad_request",
+        )
     for name in req.outputs:
         if name != "correction":
             raise _reject(
@@ -206,13 +245,33 @@ def _parameters(req: InferRequest) -> tuple[dict, int]:
 
 
 async def _read_body(request: Request) -> bytes | bytearray:
-    """The body as it came when it is one chunk; else joined into one writable buffer.
+    """The body as it came when it is one chunk; else gathered into one writable buffer.
 
-    A large state arrives in many chunks; joined into a ``bytearray`` (one copy, as
-    ``b"".join`` would make) its tensors are writable numpy views, so validation
-    does not copy them again.
+    A large state arrives in many chunks. With a declared length they are copied,
+    as they arrive, into one ``bytearray`` of that size (the body is held once,
+    not as chunks plus a joined copy); without one (chunked encoding) they are
+    joined at the end. Either way its tensors are writable numpy views, so
+    validation does not copy them again.
     """
-    chunks = [chunk async for chunk in request.stream() if chunk]
+    expected = request.scope.get("mecs.content_length")
+    chunks: list[bytes] = []
+    buf = view = None
+    at = 0
+    async for chunk in request.stream():
+        if not chunk:
+            continue
+        if view is None and expected and not chunks and len(chunk) < expected:
+            buf = bytearray(expected)
+            view = memoryview(buf)
+        if view is not None:
+            if at + len(chunk) > len(buf):
+                raise ServiceError(400, f"request body longer than its Content-Length {expected}")
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        else:
+            chunks.append(chunk)
+    if view is not None:
+        return buf if at == len(buf) else buf[:at]
     if len(chunks) <= 1:
         return chunks[0] if chunks else b""
     buf = bytearray(sum(len(c) for c in chunks))
@@ -237,12 +296,22 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
         x, f = _validate(model, req)
         extra, degraded = _parameters(req)
+        json_limit = state.settings.max_json_body_bytes // 2
+        if not req.wants_binary("correction") and x.size > json_limit:
+            raise _reject(
+                f"output 'correction' of {x.size} values is too large for JSON (at most "
+                f"{json_limit}); ask for it with binary_data",
+                "too_large",
+            )
         t_decode = time.perf_counter()
         result = await model.correct(x, f, request.scope.get("mecs.ticket"))
     except ProtocolError as err:
         metrics.cached(metrics.rejected, model.name, err.reason).inc()
         metrics.cached(metrics.infer_requests, *labels, str(err.status)).inc()
         raise ServiceError(err.status, err.message) from None
+    except ClientDisconnect:
+        metrics.cached(metrics.infer_requests, *labels, "499").inc()
+        raise
     except ServiceError as err:
         if err.status == 413:
             metrics.cached(metrics.rejected, model.name, "too_large").inc()
@@ -269,10 +338,30 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     if req.id is not None:
         header["id"] = req.id
     header["parameters"] = params
-    corr = result.correction.astype(DATATYPES[req.datatypes["state"]], copy=False)
-    parts, headers = encode_message_parts(
-        header, [("correction", corr, req.wants_binary("correction"))], "outputs"
-    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        corr = result.correction.astype(DATATYPES[req.datatypes["state"]], copy=False)
+    if not np.isfinite(corr).all():  # the model's fault, not the caller's: never a 200
+        bad = np.flatnonzero(~np.isfinite(corr.reshape(n, -1)).all(axis=1))
+        metrics.cached(metrics.nonfinite_outputs, *labels).inc()
+        metrics.cached(metrics.infer_requests, *labels, "500").inc()
+        log.error(
+            "model '%s' version %s returned NaN or Inf corrections for samples %s of a "
+            "finite input; answered 500",
+            model.name,
+            model.version_str,
+            bad[:10].tolist(),
+        )
+        raise ServiceError(
+            500,
+            f"model '{model.name}' version {model.version_str} produced NaN or Inf "
+            f"corrections (samples {bad[:10].tolist()}); reported to the operator",
+        )
+    if req.wants_binary("correction") or corr.size <= _JSON_SLICE:
+        parts, headers = encode_message_parts(
+            header, [("correction", corr, req.wants_binary("correction"))], "outputs"
+        )
+    else:  # a large JSON answer is encoded in slices, letting other requests run between
+        parts, headers = [await _json_in_slices(header, corr)], {"Content-Type": "application/json"}
     metrics.cached(metrics.infer_requests, *labels, "200").inc()
     metrics.cached(metrics.samples, *labels).inc(n)
     if n_ood:
@@ -290,6 +379,37 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     if len(parts) > 1 and len(parts[1]) > _JOIN_BELOW:
         return PartsResponse(parts, headers)
     return Response(b"".join(parts), headers=headers)
+
+
+# JSON answers above this many values are encoded a slice at a time (~1 ms each)
+_JSON_SLICE = 1 << 15
+_MARK = "__mecs_data__"
+
+
+async def _json_in_slices(header: dict[str, Any], corr: np.ndarray) -> bytes:
+    """The JSON answer for ``corr``, yielding to the event loop between slices.
+
+    ``json.dumps`` of a few million floats holds the interpreter for a second or
+    more; in slices, ``/v2/health/live`` and small calls keep answering meanwhile.
+    """
+    header["outputs"] = [
+        {
+            "name": "correction",
+            "datatype": DTYPE_NAMES[corr.dtype],
+            "shape": list(corr.shape),
+            "data": _MARK,
+        }
+    ]
+    head, tail = json.dumps(header, separators=(",", ":")).split(f'"{_MARK}"')
+    flat = corr.reshape(-1)
+    out = [head.encode(), b"["]
+    for i in range(0, flat.size, _JSON_SLICE):
+        if i:
+            out.append(b",")
+            await asyncio.sleep(0)
+        out.append(json.dumps(flat[i : i + _JSON_SLICE].tolist(), allow_nan=False)[1:-1].encode())
+    out += [b"]", tail.encode()]
+    return b"".join(out)
 
 
 # Responses above this size go out as their parts (no copy of the tensor); below it,

@@ -7,14 +7,13 @@ model's default version (a rollback); a load without it follows the newest.
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 
 from correction.artifacts import ArtifactError, check_name
 
 from ..auth import AdminScope
 from ..errors import ServiceError
+from ..protocol import ProtocolError, loads_json
 from ..repository import VersionStatus
 from ..schemas import ERRORS, RepositoryEntry
 from .params import parse_version
@@ -29,14 +28,18 @@ def _name(name: str) -> str:
         raise ServiceError(400, str(err)) from None
 
 
+def _json(body: bytes):
+    try:
+        return loads_json(body, "request body")
+    except ProtocolError as err:
+        raise ServiceError(400, err.message) from None
+
+
 async def _parameters(request: Request) -> dict:
     body = await request.body()
     if not body.strip():
         return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ServiceError(400, "request body is not valid JSON") from None
+    data = _json(body)
     if not isinstance(data, dict):
         raise ServiceError(400, "request body must be a JSON object")
     params = data.get("parameters") or {}
@@ -76,10 +79,10 @@ async def index_post(request: Request, _: AdminScope) -> list[dict]:
     """Same as GET (Triton's clients POST here)."""
     body = await request.body()
     entries = _render(await request.app.state.mecs.repository.statuses())
-    try:
-        ready_only = bool(json.loads(body).get("ready")) if body.strip() else False
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        raise ServiceError(400, 'request body must be a JSON object like {"ready": true}') from None
+    data = _json(body) if body.strip() else {}
+    if not isinstance(data, dict):
+        raise ServiceError(400, 'request body must be a JSON object like {"ready": true}')
+    ready_only = bool(data.get("ready"))
     return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
 

@@ -7,10 +7,12 @@ test imports from ``conftest``.
 from .data import BACKENDS, STORE_FORMATS, make_archive, open_store, write_store
 from .metrics import metric_value, scrape
 from .models import make_l96_model, service_settings
+from .processes import ServeProcess
 
 __all__ = [
     "BACKENDS",
     "STORE_FORMATS",
+    "ServeProcess",
     "make_archive",
     "make_l96_model",
     "metric_value",

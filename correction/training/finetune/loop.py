@@ -132,7 +132,7 @@ def finetune(
     model.eval()
     host_calls = (black_box.calls if hasattr(black_box, "calls") else 0) - calls_before
     config = dict(parent.config)
-    for key in ("name", "version", "weights_sha256", "published_at"):
+    for key in ("name", "version", "weights_sha256", "config_sha256", "published_at"):
         config.pop(key, None)
     config["training"] = {
         "stage": "finetune",
