@@ -151,6 +151,7 @@ class Server:
             stderr=subprocess.DEVNULL,
             text=True,
             cwd=TREE,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         line = self.proc.stdout.readline()
         match = re.search(r"on (http://\S+) ", line)
@@ -168,6 +169,15 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the benchmark dies (no stray servers as noise)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def timed(fn, n: int, warmup: int = 200) -> list[float]:
@@ -190,7 +200,10 @@ def _caller(urls, state, schedule, t0, ready, queue):
         for _ in range(20):
             c.infer(state)
     ready.put(1)
+    parent = os.getppid()
     while t0.value == 0.0:
+        if os.getppid() != parent:  # the benchmark died: do not poll forever as noise
+            return
         time.sleep(0.005)
     out = []
     for label, begin, end in schedule:
@@ -287,6 +300,11 @@ def main() -> None:
     parser.add_argument("--big-reps", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     parser.add_argument("--tree", default=str(ROOT), help="checkout whose code is measured")
+    parser.add_argument(
+        "--single-only",
+        action="store_true",
+        help="only the single-call and 40-member figures (a quick old/new comparison)",
+    )
     args = parser.parse_args()
 
     import psutil
@@ -375,103 +393,110 @@ def main() -> None:
                 "in_process_40": summary(timed(lambda: corr(members), 500, 50)),
             }
             print("one request", json.dumps(results["one_request_40_members"]), flush=True)
-            # 4. a 4 MB state, binary and JSON
-            fwd = timed(lambda: corr(big), args.big_reps, 1)
-            rows = {}
-            for binary, reps in ((True, args.big_reps), (False, max(2, args.big_reps // 2))):
-                rtt, server_fwd, overhead = [], [], []
-                for i in range(reps + 1):
-                    t = time.perf_counter()
-                    res = c.infer(big, binary=binary)
-                    elapsed = time.perf_counter() - t
-                    if i:  # the first call warms up
-                        f = res.server_timing_ms["forward"] / 1e3
-                        rtt.append(elapsed)
-                        server_fwd.append(f)
-                        overhead.append(elapsed - f)
-                rows["binary" if binary else "json"] = {
-                    "round_trip_ms": round(float(np.median(rtt)) * 1e3, 1),
-                    "server_forward_ms": round(float(np.median(server_fwd)) * 1e3, 1),
-                    "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 1),
-                    "reps": reps,
+            if not args.single_only:  # --single-only: bench/compare.py's quick comparison
+                # 4. a 4 MB state, binary and JSON
+                fwd = timed(lambda: corr(big), args.big_reps, 1)
+                rows = {}
+                for binary, reps in ((True, args.big_reps), (False, max(2, args.big_reps // 2))):
+                    rtt, server_fwd, overhead = [], [], []
+                    for i in range(reps + 1):
+                        t = time.perf_counter()
+                        res = c.infer(big, binary=binary)
+                        elapsed = time.perf_counter() - t
+                        if i:  # the first call warms up
+                            f = res.server_timing_ms["forward"] / 1e3
+                            rtt.append(elapsed)
+                            server_fwd.append(f)
+                            overhead.append(elapsed - f)
+                    rows["binary" if binary else "json"] = {
+                        "round_trip_ms": round(float(np.median(rtt)) * 1e3, 1),
+                        "server_forward_ms": round(float(np.median(server_fwd)) * 1e3, 1),
+                        "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 1),
+                        "reps": reps,
+                    }
+                rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
+                rows["state_bytes"] = int(big.nbytes)
+                rows["json_over_binary_round_trip"] = round(
+                    rows["json"]["round_trip_ms"] / rows["binary"]["round_trip_ms"], 1
+                )
+                rows["json_over_binary_transport"] = round(
+                    rows["json"]["transport_overhead_ms"]
+                    / max(rows["binary"]["transport_overhead_ms"], 0.1),
+                    1,
+                )
+                results["state_4mb"] = rows
+                print("4 MB", json.dumps(rows), flush=True)
+        if not args.single_only:
+            # 2. 40 independent callers, micro-batching on and off, for both runtimes: the
+            # four servers run at once and the same callers take turns on them
+            configs = {
+                "batched": {},
+                "unbatched": {"batch_max_size": 1},
+                "batched_torchscript": {"runtime": "torchscript"},
+                "unbatched_torchscript": {"runtime": "torchscript", "batch_max_size": 1},
+            }
+            with contextlib.ExitStack() as stack:
+                servers = {
+                    k: stack.enter_context(Server(repo, **env)) for k, env in configs.items()
                 }
-            rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
-            rows["state_bytes"] = int(big.nbytes)
-            rows["json_over_binary_round_trip"] = round(
-                rows["json"]["round_trip_ms"] / rows["binary"]["round_trip_ms"], 1
-            )
-            rows["json_over_binary_transport"] = round(
-                rows["json"]["transport_overhead_ms"]
-                / max(rows["binary"]["transport_overhead_ms"], 0.1),
-                1,
-            )
-            results["state_4mb"] = rows
-            print("4 MB", json.dumps(rows), flush=True)
-        # 2. 40 independent callers, micro-batching on and off, for both runtimes: the
-        # four servers run at once and the same callers take turns on them
-        configs = {
-            "batched": {},
-            "unbatched": {"batch_max_size": 1},
-            "batched_torchscript": {"runtime": "torchscript"},
-            "unbatched_torchscript": {"runtime": "torchscript", "batch_max_size": 1},
-        }
-        with contextlib.ExitStack() as stack:
-            servers = {k: stack.enter_context(Server(repo, **env)) for k, env in configs.items()}
-            callers = concurrent_callers(
-                {k: v.url for k, v in servers.items()},
-                members,
-                args.duration,
-                args.rounds,
-                {k: v.proc.pid for k, v in servers.items()},
-            )
-        for k, v in callers.items():
-            results[f"callers_40_{k}"] = v
-            print(f"callers_40_{k}", json.dumps(v), flush=True)
-        # 5. floors: bare uvicorn echo of the same bytes
-        sizes = {
-            "small_call": len(encode_infer_request({"state": x1})[0]),
-            "state_4mb": BIG_ROWS * 36 * 4,
-        }
-        results["floor_bare_echo"] = echo_floor(sizes, args.calls, args.big_reps)
-        print("floor", json.dumps(results["floor_bare_echo"]), flush=True)
+                callers = concurrent_callers(
+                    {k: v.url for k, v in servers.items()},
+                    members,
+                    args.duration,
+                    args.rounds,
+                    {k: v.proc.pid for k, v in servers.items()},
+                )
+            for k, v in callers.items():
+                results[f"callers_40_{k}"] = v
+                print(f"callers_40_{k}", json.dumps(v), flush=True)
+            # 5. floors: bare uvicorn echo of the same bytes
+            sizes = {
+                "small_call": len(encode_infer_request({"state": x1})[0]),
+                "state_4mb": BIG_ROWS * 36 * 4,
+            }
+            results["floor_bare_echo"] = echo_floor(sizes, args.calls, args.big_reps)
+            print("floor", json.dumps(results["floor_bare_echo"]), flush=True)
 
-    single = results["single_call"]["http_binary"]
-    unbatched = results["callers_40_unbatched"]["requests_per_s"]
-    results["ratios"] = {
-        "batching_speedup_40_callers": ratio(callers["batched"], callers["unbatched"]),
-        "batching_speedup_40_callers_torchscript": ratio(
-            callers["batched_torchscript"], callers["unbatched_torchscript"]
-        ),
-        "batching_server_cpu_saving_40_callers": round(
-            callers["unbatched"]["server_cpu_us_per_request"]
-            / callers["batched"]["server_cpu_us_per_request"],
-            2,
-        ),
-        "one_request_vs_member_per_request": round(
-            results["one_request_40_members"]["member_steps_per_s"] / unbatched, 1
-        ),
-        "single_call_over_bare_echo_p50_us": round(
-            single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1
-        ),
-        "transport_4mb_over_bare_echo_ms": round(
-            results["state_4mb"]["binary"]["transport_overhead_ms"]
-            - results["floor_bare_echo"]["state_4mb"]["p50_us"] / 1e3,
-            1,
-        ),
-    }
-    if "client_transports" in results:
-        t = results["client_transports"]
-        results["ratios"]["stdlib_transport_over_socket_p50"] = round(
-            t["http.client"]["p50_us"] / t["socket"]["p50_us"], 3
-        )
-    results["targets"] = {
-        "single_call_p50_le_500us": single["p50_us"] <= 500,
-        "single_call_p99_le_2ms": single["p99_us"] <= 2000,
-        "batching_ge_1.5x": results["ratios"]["batching_speedup_40_callers"] >= 1.5,
-        "one_request_ge_10x": results["ratios"]["one_request_vs_member_per_request"] >= 10,
-        "binary_4mb_adds_le_10ms": results["state_4mb"]["binary"]["transport_overhead_ms"] <= 10,
-        "json_ge_20x_binary_transport": results["state_4mb"]["json_over_binary_transport"] >= 20,
-    }
+    if not args.single_only:
+        single = results["single_call"]["http_binary"]
+        unbatched = results["callers_40_unbatched"]["requests_per_s"]
+        results["ratios"] = {
+            "batching_speedup_40_callers": ratio(callers["batched"], callers["unbatched"]),
+            "batching_speedup_40_callers_torchscript": ratio(
+                callers["batched_torchscript"], callers["unbatched_torchscript"]
+            ),
+            "batching_server_cpu_saving_40_callers": round(
+                callers["unbatched"]["server_cpu_us_per_request"]
+                / callers["batched"]["server_cpu_us_per_request"],
+                2,
+            ),
+            "one_request_vs_member_per_request": round(
+                results["one_request_40_members"]["member_steps_per_s"] / unbatched, 1
+            ),
+            "single_call_over_bare_echo_p50_us": round(
+                single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1
+            ),
+            "transport_4mb_over_bare_echo_ms": round(
+                results["state_4mb"]["binary"]["transport_overhead_ms"]
+                - results["floor_bare_echo"]["state_4mb"]["p50_us"] / 1e3,
+                1,
+            ),
+        }
+        if "client_transports" in results:
+            t = results["client_transports"]
+            results["ratios"]["stdlib_transport_over_socket_p50"] = round(
+                t["http.client"]["p50_us"] / t["socket"]["p50_us"], 3
+            )
+        results["targets"] = {
+            "single_call_p50_le_500us": single["p50_us"] <= 500,
+            "single_call_p99_le_2ms": single["p99_us"] <= 2000,
+            "batching_ge_1.5x": results["ratios"]["batching_speedup_40_callers"] >= 1.5,
+            "one_request_ge_10x": results["ratios"]["one_request_vs_member_per_request"] >= 10,
+            "binary_4mb_adds_le_10ms": results["state_4mb"]["binary"]["transport_overhead_ms"]
+            <= 10,
+            "json_ge_20x_binary_transport": results["state_4mb"]["json_over_binary_transport"]
+            >= 20,
+        }
     report = {
         "bench": "service",
         "machine": {
@@ -487,7 +512,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["results"]["ratios"]), json.dumps(report["results"]["targets"]))
+    print(json.dumps(results.get("ratios")), json.dumps(results.get("targets")))
     print(f"wrote {args.out}")
 
 
