@@ -23,6 +23,8 @@ measures, writing ``bench/results/service.json``:
 
 Usage: ``python bench/service.py [--duration 3] [--calls 3000] [--out PATH]``.
 The machine's load average is recorded: figures from a busy machine are not floors.
+This script is longer than 500 lines because every figure is measured in one run,
+on one machine state, and split it would compare figures from different runs.
 """
 
 from __future__ import annotations

@@ -114,10 +114,10 @@ class GuardedCorrector:
         """
         n = state.shape[0]
         packed = state.reshape(n, *self.packed)
-        per = max(1, (self.max_values or state.size) // max(1, packed[0].size))
-        if n <= per:
+        if self.max_values is None or state.size <= self.max_values:
             y = self.runtime(packed, forcings)
         else:  # in pieces: the network's working memory is that of one piece
+            per = max(1, self.max_values // max(1, packed[0].size))
             y = np.empty(packed.shape, dtype=self.dtype)
             for i in range(0, n, per):
                 f = None if forcings is None else forcings[i : i + per]

@@ -153,13 +153,14 @@ class ServiceMiddleware:
         self.app = app
         self.state = state
         self.inflight_bytes = 0
+        settings = state.settings
+        self.body_limit = settings.max_body_bytes
+        self.json_limit = min(settings.max_json_body_bytes, settings.max_body_bytes)
 
     async def _refuse(self, scope, receive, send, status, message, headers=None) -> None:
         state = self.state
         await _error(status, message, headers)(scope, receive, send)
-        state.metrics.cached(
-            state.metrics.http_requests, "other", scope["method"], str(status)
-        ).inc()
+        state.metrics.http_requests.labels("other", scope["method"], str(status)).inc()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -182,8 +183,7 @@ class ServiceMiddleware:
                 chunked = True
         if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             chunked = False
-        limit = settings.max_json_body_bytes if is_json else settings.max_body_bytes
-        limit = min(limit, settings.max_body_bytes)
+        limit = self.json_limit if is_json else self.body_limit
         if declared is not None and declared > limit:
             what = (
                 "JSON request body"
@@ -295,8 +295,8 @@ class ServiceMiddleware:
             if endpoint is None:
                 endpoint = getattr(scope.get("route"), "path", "other")
             m = state.metrics
-            m.cached(m.http_requests, endpoint, scope["method"], str(status[0])).inc()
-            m.cached(m.http_latency, endpoint).observe(time.perf_counter() - t0)
+            m.http_requests.labels(endpoint, scope["method"], str(status[0])).inc()
+            m.http_latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 #: the status recorded for a request whose client went away before it was read (nginx's

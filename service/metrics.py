@@ -4,15 +4,28 @@ Each app owns its own ``CollectorRegistry`` (tests and benchmarks run several ap
 one process, and a module-level default registry would merge their counts). The
 ``*_created`` series are off: scrapers of this service want counts and histograms,
 and every labelled child would otherwise add a timestamp line to each scrape.
+
+The nine series every infer call updates (HTTP and inference counts and
+latencies, batch sizes, forward and queue times) are :class:`FastCounter` and
+:class:`FastHistogram`: plain numbers updated on the event loop thread, handed
+to prometheus-client as metric families when ``/metrics`` is scraped (a custom
+collector on the same registry; exposition, parsing and names stay the
+library's). prometheus-client's own ``inc``/``observe`` take a lock and make
+four to six Python calls each; on the infer path that was 60 of the server's
+430 Python calls per request (``bench/profile_calls.py``). The rare series
+(rejections, loads, versions) stay prometheus-client objects.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import disable_created_metrics as _disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 _disable_created_metrics()
 
@@ -40,68 +53,147 @@ LATENCY_BUCKETS = (
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class FastCounter:
+    """A labelled counter of plain floats (event loop thread only), exposed on scrape."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name, self.documentation = name, documentation
+        self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], _CounterChild] = {}
+
+    def labels(self, *values: str) -> _CounterChild:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[self._check(values)] = _CounterChild()
+        return child
+
+    def _check(self, values: tuple[str, ...]) -> tuple[str, ...]:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
+        return tuple(str(v) for v in values)
+
+    def family(self) -> CounterMetricFamily:
+        fam = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self.children.items()):
+            fam.add_metric(values, child.value)
+        return fam
+
+
+class FastHistogram(FastCounter):
+    """A labelled histogram of plain counts (event loop thread only), exposed on scrape."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self.children: dict[tuple[str, ...], _HistogramChild] = {}  # type: ignore[assignment]
+
+    def labels(self, *values: str) -> _HistogramChild:  # type: ignore[override]
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[self._check(values)] = _HistogramChild(self.bounds)
+        return child
+
+    def family(self) -> HistogramMetricFamily:  # type: ignore[override]
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self.children.items()):
+            running, buckets = 0, []
+            for bound, count in zip((*self.bounds, float("inf")), child.counts, strict=True):
+                running += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            fam.add_metric(values, buckets, child.sum)
+        return fam
+
+
+class _FastCollector:
+    """Hands the fast series to prometheus-client at scrape time."""
+
+    def __init__(self, metrics: list[FastCounter]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        for m in self.metrics:
+            yield m.family()
+
+
 class ServiceMetrics:
     """Every series the service exports; names follow Prometheus conventions."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=False)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.http_requests = Counter(
+        self.http_requests = FastCounter(
             "mecs_http_requests",
             "HTTP requests by endpoint and status",
             ["endpoint", "method", "status"],
-            registry=r,
         )
-        self.http_latency = Histogram(
+        self.http_latency = FastHistogram(
             "mecs_http_request_duration_seconds",
             "HTTP handling time in the server",
             ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.infer_requests = Counter(
+        self.infer_requests = FastCounter(
             "mecs_inference_requests",
             "infer requests by model, version and status",
             ["model", "version", "status"],
-            registry=r,
         )
-        self.infer_latency = Histogram(
+        self.infer_latency = FastHistogram(
             "mecs_inference_duration_seconds",
             "infer request time in the server (body read to response built)",
             ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.samples = Counter(
-            "mecs_inference_samples", "states corrected", ["model", "version"], registry=r
+        self.samples = FastCounter(
+            "mecs_inference_samples", "states corrected", ["model", "version"]
         )
-        self.batch_size = Histogram(
+        self.batch_size = FastHistogram(
             "mecs_batch_size",
             "samples per forward pass",
             ["model", "version"],
-            buckets=SIZE_BUCKETS,
-            registry=r,
+            SIZE_BUCKETS,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = FastHistogram(
             "mecs_batch_requests",
             "requests per forward pass",
             ["model", "version"],
-            buckets=SIZE_BUCKETS,
-            registry=r,
+            SIZE_BUCKETS,
         )
-        self.forward_latency = Histogram(
+        self.forward_latency = FastHistogram(
             "mecs_forward_duration_seconds",
             "forward pass time",
             ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = FastHistogram(
             "mecs_batch_queue_wait_seconds",
             "time a request waited for its batch",
             ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
         self.rejected = Counter(
             "mecs_rejected_inputs",
@@ -166,6 +258,12 @@ class ServiceMetrics:
         self.loads = Counter(
             "mecs_model_loads", "model version loads by outcome", ["model", "outcome"], registry=r
         )
+        self._register_fast()
+
+    def _register_fast(self) -> None:
+        """Expose the :class:`FastCounter` and :class:`FastHistogram` series on ``registry``."""
+        fast = [m for m in vars(self).values() if isinstance(m, FastCounter)]
+        self.registry.register(_FastCollector(fast))
 
     def cached(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, kept: the hot path pays a dict lookup, not a lock.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -38,11 +40,11 @@ def analyses(tmp_path_factory):
     return path
 
 
-def _cli(analyses, out, *source, steps=30, members=4, extra=()):
+def _cli(analyses, out, *source, steps=30, members=4, extra=(), host="l96"):
     args = [
         "forecast",
         "--host",
-        "l96",
+        host,
         "--init",
         str(analyses),
         "--steps",
@@ -136,3 +138,48 @@ def test_forecast_cli_errors(analyses, l96_repository, tmp_path, capsys):
     assert _cli(analyses, tmp_path / "o.zarr", *repo, steps=2) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert not list(tmp_path.glob(".o.zarr.partial-*"))
+
+
+REFERENCE = f"process:{sys.executable} -m correction.reference_host --F 10 --dt 0.01"
+
+
+def test_forecast_with_a_process_host_equals_the_torch_host(analyses, l96_repository, tmp_path):
+    repo = ["--repository", str(l96_repository)]
+    assert _cli(analyses, tmp_path / "torch.zarr", *repo, steps=20) == 0
+    assert _cli(analyses, tmp_path / "proc.zarr", *repo, steps=20, host=REFERENCE) == 0
+    a, b = open_zarr(tmp_path / "torch.zarr"), open_zarr(tmp_path / "proc.zarr")
+    np.testing.assert_allclose(b["X"].values, a["X"].values, rtol=1e-5, atol=1e-5)
+    assert b.attrs["host_spec"] == REFERENCE and b.attrs["host"] == "l96-reference"
+
+
+@pytest.mark.parametrize(
+    "fault", ["--crash-at 5", "--hang-at 5", "--nan-at 5", "--wrong-shape-at 5"]
+)
+def test_forecast_process_host_faults_write_nothing(
+    analyses, l96_repository, tmp_path, capsys, fault
+):
+    out = tmp_path / "o.zarr"
+    code = _cli(
+        analyses,
+        out,
+        "--repository",
+        str(l96_repository),
+        steps=20,
+        host=f"{REFERENCE} {fault}",
+        extra=["--host-timeout", "2"],
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "at step 5" in err and "\n" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".o.zarr.partial-*"))
+
+
+def test_forecast_bad_host_specs_are_usage_errors(analyses, l96_repository, tmp_path, capsys):
+    for spec, msg in [
+        ("nope", "no registered torch host"),
+        ("process:/no/such/model", "cannot start"),
+    ]:
+        assert (
+            _cli(analyses, tmp_path / "o.zarr", "--repository", str(l96_repository), host=spec) == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err

@@ -75,10 +75,31 @@ def settings_with_flags(args: Any, flags: tuple[str, ...]) -> dict[str, Any]:
     return settings
 
 
-def make_named_host(name: str, params: dict[str, Any]):
-    from correction.hosts import make_host
+HOST_HELP = (
+    "host model spec: torch:NAME (or a registered NAME: l96, l96-2s), "
+    "python:MODULE:CALLABLE, or process:COMMAND (an external model speaking mecs-step/1)"
+)
+
+
+def make_named_host(
+    spec: str,
+    params: dict[str, Any],
+    state_shape: tuple[int, ...] | None = None,
+    dt: float | None = None,
+    timeout_s: float = 60.0,
+):
+    """The host a ``--host`` spec names; ``params`` (from a benchmark) go to torch hosts only."""
+    from correction.hosts.process import HostProcessError
+    from correction.hosts.specs import HostSpecError, make_host_from_spec, parse_host_spec
 
     try:
-        return make_host(name, **params)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"host '{name}': {err}") from None
+        parsed = parse_host_spec(spec)
+        return make_host_from_spec(
+            parsed,
+            params if parsed.kind == "torch" else None,
+            state_shape=state_shape,
+            dt=dt,
+            timeout_s=timeout_s,
+        )
+    except (HostSpecError, HostProcessError, TypeError, ValueError) as err:
+        raise UsageError(f"host '{spec}': {err}") from None

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mecs.cli import UsageError
+
+from ._common import HOST_HELP
 
 
 def run(args: argparse.Namespace) -> int:
     from correction.artifacts import ArtifactError, resolve
+    from correction.hosts.process import HostProcessError
+    from correction.hosts.specs import close_host
     from correction.training.finetune import NEEDS_EMULATOR, FinetuneConfig, finetune
     from data_pipeline.config import ConfigError
 
@@ -26,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.mode in NEEDS_EMULATOR and not args.emulator:
         raise UsageError(f"mecs finetune: mode '{cfg.mode}' needs --emulator PATH")
     data = load_analyses(args.data)
-    host = make_named_host(args.host, data.host_params)
+    host = make_named_host(
+        args.host, data.host_params, dt=args.host_dt, timeout_s=args.host_timeout
+    )
     steps = round(data.interval / host.dt)
     if abs(steps * host.dt - data.interval) > 1e-6:
         raise UsageError(
@@ -34,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
             f"host steps (dt={host.dt})"
         )
     torch_host = host if cfg.mode == "differentiable" else None
+    if torch_host is not None and not getattr(host, "differentiable", False):
+        close_host(host)
+        raise UsageError(
+            f"mecs finetune: mode 'differentiable' needs a differentiable host (torch:NAME); "
+            f"'{args.host}' is a black box: use unrolled, hybrid or sip"
+        )
     try:
         result = finetune(
             args.repository,
@@ -48,9 +61,15 @@ def run(args: argparse.Namespace) -> int:
             torch_host=torch_host,
             data_ref=str(data.path),
             progress=not args.no_progress,
+            host_spec=args.host,
         )
+    except HostProcessError as err:  # nothing was published
+        print(f"error: mecs finetune: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         raise UsageError(f"mecs finetune: {err}") from None
+    finally:
+        close_host(host)
     first, best = result.history[0]["val_loss"], result.best_val
     print(f"finetune: mode {cfg.mode}; validation a posteriori loss {first:.5f} -> {best:.5f}")
     print(f"finetune: published {result.version.path.resolve()} ({result.wall_time:.1f} s)")
@@ -73,7 +92,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--emulator", help="emulator artifact (from mecs emulator)")
     p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
-    p.add_argument("--host", default="l96", help="host model name (default l96)")
+    p.add_argument("--host", default="l96", help=HOST_HELP + " (default l96)")
+    p.add_argument(
+        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
+    )
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a process: host may take per step before it is killed",
+    )
     p.add_argument("--unroll", type=int, default=None, help="analysis intervals per window")
     p.add_argument("--curriculum", help="unroll lengths in turn, e.g. 1,4,10")
     p.add_argument("--iterations", type=int, default=None)

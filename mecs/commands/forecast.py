@@ -89,15 +89,6 @@ def _initial_state(ds, variable: dict, init_time: float | None, host_shape) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import xarray as xr
-
-    from correction.forecast import run_forecast
-    from correction.guardrails import GuardedCorrection
-    from correction.hosts import make_host
-    from correction.storage import OutputExistsError, staged_directory, write_zarr
-    from service.remote import RemoteCorrection
-
     if args.steps < 1 or args.members < 1 or args.output_every < 1:
         raise UsageError("mecs forecast: --steps, --members and --output-every must be >= 1")
     if args.perturbation < 0:
@@ -105,10 +96,35 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"mecs forecast: {out} exists; pass --overwrite to replace it")
+    from correction.hosts.process import HostProcessError
+    from correction.hosts.specs import close_host
+
+    from ._common import make_named_host
+
+    host = make_named_host(
+        args.host,
+        _parse_host_params(args.host_param),
+        dt=args.host_dt,
+        timeout_s=args.host_timeout,
+    )
     try:
-        host = make_host(args.host, **_parse_host_params(args.host_param))
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"mecs forecast: {err}") from None
+        return _run(args, host, out)
+    except HostProcessError as err:  # nothing was written
+        print(f"error: mecs forecast: {err}", file=sys.stderr)
+        return 1
+    finally:
+        close_host(host)
+
+
+def _run(args: argparse.Namespace, host, out: Path) -> int:
+    import numpy as np
+    import xarray as xr
+
+    from correction.forecast import run_forecast
+    from correction.guardrails import GuardedCorrection
+    from correction.storage import OutputExistsError, staged_directory, write_zarr
+    from service.remote import RemoteCorrection
+
     ds = _open_init(Path(args.init))
     client = None
     if args.service:
@@ -190,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "title": f"coupled forecast: host {host.name} + correction {args.model}",
         "source": "mecs forecast",
         "host": host.name,
+        "host_spec": args.host,
         "host_dt": host.dt,
         "correction": source.description,
         "model": args.model,
@@ -242,10 +259,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from correction.hosts import HOSTS
+    from ._common import HOST_HELP
 
     p = sub.add_parser("forecast", help="run the host model with the correction every step")
-    p.add_argument("--host", required=True, choices=sorted(HOSTS), help="host model name")
+    p.add_argument("--host", required=True, help=HOST_HELP)
+    p.add_argument(
+        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
+    )
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a process: host may take per step before it is killed",
+    )
     p.add_argument(
         "--host-param",
         action="append",

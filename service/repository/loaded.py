@@ -48,11 +48,11 @@ class LoadedModel:
         labels = (self.name, self.version_str)
 
         def observe(samples: int, requests: int, seconds: float, waits: list[float]) -> None:
-            metrics.cached(metrics.batch_size, *labels).observe(samples)
-            metrics.cached(metrics.batch_requests, *labels).observe(requests)
-            metrics.cached(metrics.forward_latency, *labels).observe(seconds)
+            metrics.batch_size.labels(*labels).observe(samples)
+            metrics.batch_requests.labels(*labels).observe(requests)
+            metrics.forward_latency.labels(*labels).observe(seconds)
             for w in waits:
-                metrics.cached(metrics.queue_wait, self.name).observe(w)
+                metrics.queue_wait.labels(self.name).observe(w)
 
         self.batcher = Batcher(
             self.forward,

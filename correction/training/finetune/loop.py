@@ -66,12 +66,14 @@ def finetune(
     data_ref: str | None = None,
     progress: bool = True,
     publish_as: str | None = None,
+    host_spec: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``name`` (newest or ``from_version``) and publish a new version.
 
     ``analyses`` ``[T, *state]`` at consecutive analysis times; only indices before
     ``train_end`` are used (the last ``val_fraction`` of them for validation).
-    ``host`` is called forward only unless the mode is ``differentiable``.
+    ``host`` is called forward only unless the mode is ``differentiable``;
+    ``host_spec`` (``torch:l96``, ``process:...``) is recorded in the new version.
     """
     t0 = time.perf_counter()
     parent = Corrector.load(repository, name, from_version)
@@ -141,6 +143,7 @@ def finetune(
         "data": data_ref,
         "emulator": str(Path(emulator_path).absolute()) if emulator_path else None,
         "host": host.name,
+        "host_spec": host_spec or f"torch:{host.name}",
         "history": history,
         "pretraining": parent.config.get("training", {}).get("stage"),
     }

@@ -1,0 +1,109 @@
+"""A reference host process for ``mecs-step/1``: Lorenz-96 in numpy, with fault switches.
+
+``python -m correction.reference_host [--K 36] [--F 10] [--dt 0.01]`` is what a
+host author's program looks like from mecs's side (read a request line and its
+bytes, step, write the answer), and it is the host the tests and the
+bring-your-own-model guide run as ``--host "process:python -m correction.reference_host"``.
+It steps the same one-scale Lorenz-96 as the torch host ``l96`` (RK4, the same
+formula), so a run through the process equals a run in process.
+
+The fault switches make it misbehave at a chosen step (counted from 1, over
+step requests): ``--crash-at N`` exits with status 3, ``--hang-at N`` stops
+answering, ``--wrong-shape-at N`` answers one value short, ``--nan-at N`` answers
+NaN, ``--error-at N`` answers a protocol error message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from .stepproto import (
+    MAX_HEADER,
+    PROTOCOL,
+    StepProtocolError,
+    parse_header,
+    read_tensor,
+    tensor_spec,
+    write_message,
+)
+
+
+def l96_step(x: np.ndarray, forcing: float, dt: float) -> np.ndarray:
+    """One RK4 step of dX_k/dt = X_{k-1}(X_{k+1} - X_{k-2}) - X_k + F, batched."""
+
+    def f(v: np.ndarray) -> np.ndarray:
+        return np.roll(v, 1, -1) * (np.roll(v, -1, -1) - np.roll(v, 2, -1)) - v + forcing
+
+    k1 = f(x)
+    k2 = f(x + 0.5 * dt * k1)
+    k3 = f(x + 0.5 * dt * k2)
+    k4 = f(x + dt * k3)
+    return x + (dt / 6.0) * (k1 + 2.0 * (k2 + k3) + k4)
+
+
+def l96_step_default(x: np.ndarray) -> np.ndarray:
+    """One step of the ``l96`` host's defaults (F = 10, dt = 0.01): a ``python:`` host."""
+    return l96_step(np.asarray(x, dtype=np.float64), 10.0, 0.01)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--K", type=int, default=36)
+    p.add_argument("--F", type=float, default=10.0)
+    p.add_argument("--dt", type=float, default=0.01)
+    p.add_argument("--time-unit", default="model time unit")
+    p.add_argument("--name", default="l96-reference")
+    for fault in ("crash", "hang", "wrong-shape", "nan", "error"):
+        p.add_argument(f"--{fault}-at", type=int, default=0, metavar="N")
+    args = p.parse_args(argv)
+    src, out = sys.stdin.buffer, sys.stdout.buffer
+    write_message(
+        out,
+        {
+            "protocol": PROTOCOL,
+            "name": args.name,
+            "state_shape": [args.K],
+            "dtype": "FP64",
+            "dt": args.dt,
+            "time_unit": args.time_unit,
+        },
+    )
+    n = 0
+    while True:
+        line = src.readline(MAX_HEADER)
+        if not line:
+            return 0  # mecs went away: nothing to do
+        header = parse_header(line, "request")
+        if header.get("op") == "close":
+            return 0
+        if header.get("op") != "step":
+            raise StepProtocolError(f"unknown op {header.get('op')!r}")
+        shape, dtype = tensor_spec(header, "step request")
+        x = read_tensor(src, shape, dtype).astype(np.float64)
+        n += 1
+        rid = header.get("id")
+        if n == args.crash_at:
+            print(f"reference host: crashing at step {n} as asked", file=sys.stderr, flush=True)
+            return 3
+        if n == args.hang_at:
+            print(f"reference host: hanging at step {n} as asked", file=sys.stderr, flush=True)
+            time.sleep(3600)
+        if n == args.error_at:
+            write_message(out, {"id": rid, "error": f"cannot step: fault switch at step {n}"})
+            continue
+        for _ in range(int(header.get("steps", 1))):
+            x = l96_step(x, args.F, args.dt)
+        if n == args.nan_at:
+            x[..., 0] = np.nan
+        if n == args.wrong_shape_at:
+            x = x[..., :-1]
+        y = x.astype(dtype)
+        write_message(out, {"id": rid, "shape": list(y.shape), "datatype": header["datatype"]}, y)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
