@@ -295,8 +295,12 @@ class ServiceMiddleware:
             if endpoint is None:
                 endpoint = getattr(scope.get("route"), "path", "other")
             m = state.metrics
-            m.http_requests.labels(endpoint, scope["method"], str(status[0])).inc()
-            m.http_latency.labels(endpoint).observe(time.perf_counter() - t0)
+            key = (endpoint, scope["method"], str(status[0]))
+            counts, latencies = m.http_requests.children, m.http_latency.children
+            (counts.get(key) or m.http_requests.labels(*key)).inc()
+            (latencies.get(key[:1]) or m.http_latency.labels(endpoint)).observe(
+                time.perf_counter() - t0
+            )
 
 
 #: the status recorded for a request whose client went away before it was read (nginx's

@@ -46,13 +46,21 @@ class LoadedModel:
         self.dtype = self.forward.dtype
         self.runtime = self.forward.runtime
         labels = (self.name, self.version_str)
+        # this version's series, resolved once: the hot path updates them directly
+        self.served = metrics.infer_requests.labels(*labels, "200")
+        self.samples = metrics.samples.labels(*labels)
+        self.latency = metrics.infer_latency.labels(*labels)
+        batch_size = metrics.batch_size.labels(*labels).observe
+        batch_requests = metrics.batch_requests.labels(*labels).observe
+        forward_latency = metrics.forward_latency.labels(*labels).observe
+        queue_wait = metrics.queue_wait.labels(self.name).observe
 
         def observe(samples: int, requests: int, seconds: float, waits: list[float]) -> None:
-            metrics.batch_size.labels(*labels).observe(samples)
-            metrics.batch_requests.labels(*labels).observe(requests)
-            metrics.forward_latency.labels(*labels).observe(seconds)
+            batch_size(samples)
+            batch_requests(requests)
+            forward_latency(seconds)
             for w in waits:
-                metrics.queue_wait.labels(self.name).observe(w)
+                queue_wait(w)
 
         self.batcher = Batcher(
             self.forward,

@@ -367,15 +367,15 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         parts, headers = encode_message_parts(header, [("correction", corr, binary)], "outputs")
     else:  # a large JSON answer is encoded in slices, letting other requests run between
         parts, headers = [await _json_in_slices(header, corr)], {"Content-Type": "application/json"}
-    metrics.infer_requests.labels(*labels, "200").inc()
-    metrics.samples.labels(*labels).inc(n)
+    model.served.inc()
+    model.samples.inc(n)
     if n_ood:
         metrics.cached(metrics.ood_samples, *labels).inc(n_ood)
         metrics.cached(metrics.ood_requests, *labels).inc()
     if n_capped:
         metrics.cached(metrics.capped, *labels).inc(n_capped)
     elapsed = time.perf_counter() - t0
-    metrics.infer_latency.labels(*labels).observe(elapsed)
+    model.latency.observe(elapsed)
     # standard Server-Timing header (ms): lets a caller split its latency
     headers["Server-Timing"] = (
         f"read;dur={(t_read - t_body) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "
