@@ -148,6 +148,8 @@ class GuardedCorrection(Correction):
         self.name = corrector.name
         self.ood_sample_steps = 0
         self.capped_values = 0
+        # the model's correction unit to the host's (1: the same unit)
+        self.time_scale = 1.0
 
     @property
     def description(self) -> str:
@@ -158,6 +160,8 @@ class GuardedCorrection(Correction):
         corr, ood, capped = self.forward(np.ascontiguousarray(state, dtype=self.dtype))
         self.ood_sample_steps += int(ood.sum())
         self.capped_values += int(capped.sum())
+        if self.time_scale != 1.0:
+            corr = corr * self.time_scale
         return corr.astype(state.dtype)
 
     def variables(self) -> list[dict[str, Any]]:

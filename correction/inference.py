@@ -22,6 +22,7 @@ from .hosts import HostModel, to_tensor
 from .layout import ModelLayout
 from .networks import CorrectionModel
 from .rollout import rollout
+from .timeunits import MODEL_UNIT, TimeUnitError, canonical_unit
 
 
 class Corrector(Correction):
@@ -47,6 +48,16 @@ class Corrector(Correction):
         self.in_std = np.asarray(norm["in_std"], dtype=np.float64)
         self.out_std = np.asarray(norm["out_std"], dtype=np.float64)
         self.network = NetworkCorrection(self.model, self.layout)
+        # what "per unit time" means (correction.timeunits); versions from before the
+        # time section are Lorenz-96 benchmark models, in model time units
+        time_section = config.get("time") or {}
+        unit = str(time_section.get("unit", MODEL_UNIT))
+        try:
+            self.time_unit = canonical_unit(unit)
+        except TimeUnitError:  # a numeric axis's own unit: served as is, never converted
+            self.time_unit = unit
+        host_dt = time_section.get("host_dt")
+        self.host_dt = float(host_dt) if host_dt is not None else None
 
     @classmethod
     def load(cls, repository: str | Path, name: str, version: int | None = None) -> Corrector:

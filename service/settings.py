@@ -96,6 +96,12 @@ class ServiceSettings(BaseSettings):
     max_pinned_versions: int = Field(
         4, ge=0, description="non-default versions kept loaded per model (LRU)"
     )
+    max_dt_ratio: float = Field(
+        100.0,
+        ge=0,
+        description="refuse a request dt this many times larger or smaller than the host "
+        "step a model was trained with (a likely unit error; 0: off)",
+    )
     correction_cap_std: float | None = Field(
         10.0, description="cap |correction - mean| at this many training-target stds (0: off)"
     )

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from correction import artifacts
 from correction.networks import CorrectionModel
+from correction.timeunits import MODEL_UNIT, TimeUnitError, canonical_unit
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchStream, IncrementSource
@@ -46,6 +47,21 @@ class PretrainResult:
 def _run_key(source: IncrementSource, cfg: PretrainConfig) -> str:
     body = json.dumps([source.attrs.get("content_hash"), cfg.to_dict()], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def time_section(attrs: dict) -> dict:
+    """The artifact's ``time`` entry from an increments store: the correction's unit.
+
+    Targets are increments divided by the window, in the store's ``window_units``;
+    the host step is not known from data (fine-tuning records it).
+    """
+    unit = attrs.get("window_units") or MODEL_UNIT
+    try:
+        unit = canonical_unit(unit)
+    except TimeUnitError:
+        unit = str(unit)
+    window = attrs.get("window")
+    return {"unit": unit, "window": float(window) if window is not None else None, "host_dt": None}
 
 
 def evaluate_loss(model: CorrectionModel, stream: BatchStream) -> float:
@@ -195,6 +211,7 @@ def pretrain(
         },
         metrics={"val_loss": best_val, "val_rmse": math.sqrt(best_val) * target_std},
         parent=None,
+        time=time_section(source.attrs),
     )
     # a run killed after publishing and before removing its checkpoint is resumed
     # here, finished: it finds its version instead of publishing the same weights twice

@@ -139,6 +139,7 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
                 timeout=args.timeout,
                 retries=args.retries,
                 degrade=args.degrade,
+                dt_unit=getattr(host, "time_unit", None),
             )
             source = RemoteCorrection(client, dt=host.dt)
             variables = source.variables()
@@ -158,6 +159,17 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
             ood_threshold_std=args.ood_std,
             runtime=args.runtime,
         )
+        host_unit = getattr(host, "time_unit", None)
+        if host_unit is not None:  # corrections per the host's unit, or a clear refusal
+            from correction.timeunits import TimeUnitError, scale
+
+            try:
+                source.time_scale = scale(corrector.time_unit, host_unit)
+            except TimeUnitError as err:
+                raise UsageError(
+                    f"mecs forecast: the host steps in {host_unit}s, the model's corrections "
+                    f"are per {corrector.time_unit}: {err}"
+                ) from None
         variables = source.variables()
     if len(variables) != 1:
         raise UsageError("mecs forecast: only single-field models are supported for now")

@@ -94,6 +94,7 @@ class CorrectionClient(Degradation):
         transport: TransportName = "socket",
         ssl_context: ssl.SSLContext | None = None,
         ca_file: str | None = None,
+        dt_unit: str | None = None,
     ) -> None:
         self._init_degradation(degrade, failure_threshold, cooldown_s)
         parts = urlsplit(url)
@@ -103,6 +104,8 @@ class CorrectionClient(Degradation):
         self.model, self.version = model, version
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.binary = binary
+        # the caller's time unit: corrections come back per this unit (None: the model's)
+        self.dt_unit = dt_unit
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
         if ca_file is not None:
@@ -242,14 +245,23 @@ class CorrectionClient(Degradation):
         request_id: str | None = None,
         forcings: np.ndarray | None = None,
         binary: bool | None = None,
+        dt_unit: str | None = None,
     ) -> InferResult:
-        """One infer call (raises :class:`ServiceError` on failure, after retries)."""
+        """One infer call (raises :class:`ServiceError` on failure, after retries).
+
+        ``dt`` in ``dt_unit`` (default: the client's ``dt_unit``): the correction comes
+        back per that unit, converted by the server, which refuses a ``dt`` whose unit
+        is missing or does not convert to the model's.
+        """
         arr = np.asarray(state)
         single = arr.ndim == 1
         batch = arr[None] if single else arr
         params: dict[str, Any] = {}
         if dt is not None:
             params["dt"] = float(dt)
+        unit = dt_unit or self.dt_unit
+        if unit is not None:
+            params["dt_unit"] = unit
         reported = min(self._unreported, MAX_DEGRADED_STEPS_PER_CALL)
         if reported:
             params["degraded_steps"] = reported

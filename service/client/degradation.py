@@ -44,6 +44,12 @@ class Degradation:
     def infer(self, state: np.ndarray, dt: float | None = None) -> Any:  # pragma: no cover
         raise NotImplementedError
 
+    def apply(self, state: np.ndarray, dt: float) -> np.ndarray:
+        """``state + dt * correction``, ``dt`` in the client's ``dt_unit`` (a degraded step
+        adds what the policy gives: nothing under ``zero``)."""
+        arr = np.asarray(state)
+        return arr + dt * self.correct(arr, dt=dt)
+
     def correct(self, state: np.ndarray, dt: float | None = None) -> np.ndarray:
         """The correction for ``state``, or the degradation policy's answer on failure."""
         now = time.monotonic()

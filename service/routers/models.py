@@ -19,6 +19,9 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from starlette.requests import ClientDisconnect
 
+from correction.timeunits import MODEL_UNIT, TimeUnitError, canonical_unit
+from correction.timeunits import scale as time_scale
+
 from ..auth import InferenceScope
 from ..errors import ServiceError
 from ..protocol import (
@@ -93,7 +96,9 @@ def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
                 }
                 for f in layout.fields
             ],
-            "correction": "tendency correction, state units per unit time",
+            "correction": f"tendency correction, state units per {model.corrector.time_unit}",
+            "time_unit": model.corrector.time_unit,
+            "host_dt": model.corrector.host_dt,
             "network": config.get("network", {}).get("name"),
             "runtime": model.runtime.name,
             "training_mode": (config.get("training") or {}).get("mode"),
@@ -211,21 +216,56 @@ def _in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray) -> np.ndarra
     raise _reject(f"input '{name}' contains NaN or Inf (samples {bad[:10].tolist()})", "nonfinite")
 
 
+def _time_scale(model: LoadedModel, params: dict, out: dict, max_ratio: float) -> float:
+    """The factor from the model's correction unit to the caller's (``dt``, ``dt_unit``).
+
+    A ``dt`` without a unit is the model's own unit only when that is a model time
+    unit; a model trained per hour refuses it (a caller stepping in seconds would
+    otherwise apply a correction 3,600 times too large). A ``dt`` that is more
+    than ``max_ratio`` times larger or smaller than the host step the model was
+    trained with is refused as a likely unit error.
+    """
+    unit = model.corrector.time_unit
+    dt = params.get("dt")
+    if dt is not None and (
+        isinstance(dt, bool) or not isinstance(dt, int | float) or not math.isfinite(dt) or dt <= 0
+    ):
+        raise _reject(f"parameter 'dt' must be a positive finite number, got {dt!r}", "bad_request")
+    raw_unit = params.get("dt_unit")
+    if raw_unit is None:
+        if dt is not None and unit != MODEL_UNIT:
+            raise _reject(
+                f"parameter 'dt' has no unit: model '{model.name}' gives corrections per "
+                f"{unit}; send 'dt_unit' (s, min, h or day) with it",
+                "units",
+            )
+        caller_unit, factor = unit, 1.0
+    else:
+        if not isinstance(raw_unit, str):
+            raise _reject("parameter 'dt_unit' must be a string such as 's' or 'h'", "units")
+        try:
+            caller_unit = canonical_unit(raw_unit)
+            factor = time_scale(unit, caller_unit)
+        except TimeUnitError as err:
+            raise _reject(f"parameter 'dt_unit': {err}", "units") from None
+    host_dt = model.corrector.host_dt
+    if dt is not None and host_dt and max_ratio:
+        ratio = dt * factor / host_dt  # the caller's step in the model's unit
+        if not 1 / max_ratio <= ratio <= max_ratio:
+            raise _reject(
+                f"parameter 'dt' {dt:g} {caller_unit} is {ratio:.3g} times the host step "
+                f"the model was trained with ({host_dt:g} {unit}); check its unit",
+                "units",
+            )
+    if dt is not None:
+        out["dt"] = dt
+    out["time_unit"] = caller_unit
+    return factor
+
+
 def _parameters(req: InferRequest) -> tuple[dict, int]:
     out: dict = {}
     params = req.parameters
-    if "dt" in params:
-        dt = params["dt"]
-        if (
-            isinstance(dt, bool)
-            or not isinstance(dt, int | float)
-            or not math.isfinite(dt)
-            or (dt <= 0)
-        ):
-            raise _reject(
-                f"parameter 'dt' must be a positive finite number, got {dt!r}", "bad_request"
-            )
-        out["dt"] = dt
     degraded = params.get("degraded_steps", 0)
     if (
         isinstance(degraded, bool)
@@ -299,6 +339,7 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
         x, f = _validate(model, req)
         extra, degraded = _parameters(req)
+        factor = _time_scale(model, req.parameters, extra, state.settings.max_dt_ratio)
         binary = req.wants_binary("correction")
         json_limit = state.settings.max_json_body_bytes // 2
         if not binary and x.size > json_limit:
@@ -343,6 +384,8 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
         header["id"] = req.id
     header["parameters"] = params
     corr = result.correction
+    if factor != 1.0:  # per the caller's time unit
+        corr = corr * factor
     want = DATATYPES[req.datatypes["state"]]
     if corr.dtype != want:
         with np.errstate(over="ignore", invalid="ignore"):

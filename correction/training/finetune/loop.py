@@ -136,6 +136,9 @@ def finetune(
     config = dict(parent.config)
     for key in ("name", "version", "weights_sha256", "config_sha256", "published_at"):
         config.pop(key, None)
+    time_section = dict(config.get("time") or {"unit": "model time unit", "window": None})
+    time_section["host_dt"] = float(host.dt)  # the host step it was trained with
+    config["time"] = time_section
     config["training"] = {
         "stage": "finetune",
         "mode": cfg.mode,
