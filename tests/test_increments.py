@@ -724,3 +724,74 @@ def test_cli_default_local_cluster(tiny_synth, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Completed" in proc.stderr or "%" in proc.stderr
     verify_increments(out)
+
+
+def test_ifs_style_names_are_mapped_and_bare_windows_refused(tmp_path, capsys):
+    """Forecasts with IFS's ``time``/``step`` names; ``--window 6`` on datetime data."""
+    ana, fc = make_archive()
+    ifs = fc.rename({"init_time": "time", "lead_time": "step"})
+    a = write_store(ana, tmp_path / "ana", "netcdf")
+    f = write_store(ifs, tmp_path / "fc", "netcdf")
+    base = ["increments", "--analyses", str(a), "--forecasts", str(f), "--scheduler", "sync"]
+    code = main([*base, "--window", "6h", "--out", str(tmp_path / "no.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--dims time=init_time,step=lead_time" in err and "\n" not in err, err
+    code = main(
+        [
+            *base,
+            "--window",
+            "6",
+            "--dims",
+            "time=init_time,step=lead_time",
+            "--out",
+            str(tmp_path / "bare.zarr"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'6' has no unit" in err and "'6h'" in err, err
+    code = main(
+        [
+            *base,
+            "--window",
+            "6h",
+            "--dims",
+            "time=init_time,stp=lead_time",
+            "--out",
+            str(tmp_path / "typo.zarr"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot rename 'stp'" in err, err
+    out = tmp_path / "ok.zarr"
+    code = main(
+        [
+            *base,
+            "--window",
+            "6h",
+            "--dims",
+            "time=init_time,step=lead_time",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    ref = tmp_path / "ref.zarr"
+    g = write_store(fc, tmp_path / "fc_std", "netcdf")
+    main(
+        [
+            "increments",
+            "--analyses",
+            str(a),
+            "--forecasts",
+            str(g),
+            "--scheduler",
+            "sync",
+            "--window",
+            "6h",
+            "--out",
+            str(ref),
+            "--no-progress",
+        ]
+    )
+    assert open_zarr(out).attrs["content_hash"] == open_zarr(ref).attrs["content_hash"]

@@ -93,6 +93,8 @@ def build_increments(
     state: str = "analysis",
     tolerance: Any = None,
     level_dims: Sequence[str] | str | None = None,
+    analysis_dims: dict[str, str] | str | None = None,
+    forecast_dims: dict[str, str] | str | None = None,
     overwrite: bool = False,
     n_workers: int = LOCAL_WORKERS,
     progress: bool = False,
@@ -105,6 +107,8 @@ def build_increments(
     or time ranges ``"train=0:700,val=710:850,test=860:1000"`` (ends inclusive).
     ``scheduler``: see :func:`dask_scheduler` (``None`` = dask's current scheduler).
     ``missing="error"`` makes a missing analysis inside the analysis period an error.
+    ``forecast_dims``/``analysis_dims`` rename a store's names to the pipeline's
+    (``"time=init_time,step=lead_time"`` for IFS-style forecasts).
     Raises :class:`InputError` before anything is written when inputs do not fit, and
     :class:`~correction.storage.OutputExistsError` when ``out`` holds data.
     """
@@ -127,6 +131,8 @@ def build_increments(
         state=state,
         tolerance=tolerance,
         level_dims=level_dims,
+        analysis_dims=analysis_dims,
+        forecast_dims=forecast_dims,
     )
     ds = plan.dataset
     cs = plan.chunk_samples

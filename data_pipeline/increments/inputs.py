@@ -43,12 +43,56 @@ def _step_chunks(ds: xr.Dataset, dim: str) -> int:
     return max(1, int(INPUT_CHUNK_BYTES // max(per_step, 1)))
 
 
-def open_input(source: Any, role: str, time_dim: str) -> tuple[xr.Dataset, str]:
-    """Open analyses or forecasts lazily; return the dataset and its recorded source."""
+def parse_renames(value: Any, what: str) -> dict[str, str]:
+    """``"time=init_time,step=lead_time"`` (or a mapping) -> ``{"time": "init_time", ...}``."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            old, sep, new = item.partition("=")
+            if not sep or not old.strip() or not new.strip():
+                raise InputError(f"{what}: {item.strip()!r} is not NAME=NEW (e.g. step=lead_time)")
+            pairs.append((old.strip(), new.strip()))
+    out = {str(a): str(b) for a, b in pairs}
+    if len(set(out.values())) != len(out):
+        raise InputError(f"{what}: two names map to the same new name ({out})")
+    return out
+
+
+def _rename(ds: xr.Dataset, renames: dict[str, str], role: str) -> xr.Dataset:
+    """The pipeline's names for another convention's (IFS ``time``/``step``, ...)."""
+    if not renames:
+        return ds
+    names = set(ds.dims) | set(ds.variables)
+    missing = [k for k in renames if k not in names]
+    if missing:
+        raise InputError(
+            f"{role}: cannot rename {missing[0]!r}: no dimension or variable of that name "
+            f"(dims {sorted(map(str, ds.dims))})"
+        )
+    clash = [v for k, v in renames.items() if v in names and v not in renames]
+    if clash:
+        raise InputError(f"{role}: cannot rename to {clash[0]!r}: the store already has it")
+    return ds.rename(renames)
+
+
+def open_input(
+    source: Any, role: str, time_dim: str, renames: dict[str, str] | None = None
+) -> tuple[xr.Dataset, str]:
+    """Open analyses or forecasts lazily; return the dataset and its recorded source.
+
+    ``renames`` maps the store's own names to the pipeline's (``--dims``).
+    """
+    renames = renames or {}
     if isinstance(source, xr.DataArray):
         source = source.to_dataset()
     if isinstance(source, xr.Dataset):
-        return source, IN_MEMORY
+        return _rename(source, renames, role), IN_MEMORY
+    # the time dimension as the files call it, for chunking before the rename
+    time_dim = next((k for k, v in renames.items() if v == time_dim), time_dim)
     text = os.fspath(source) if isinstance(source, os.PathLike) else str(source)
     recorded = text if is_url(text) else os.path.abspath(text)
     try:
@@ -80,4 +124,4 @@ def open_input(source: Any, role: str, time_dim: str) -> tuple[xr.Dataset, str]:
         raise
     except (OSError, ValueError, ImportError, KeyError, TypeError) as err:
         raise InputError(f"cannot open {role} {text!r}: {err}") from None
-    return ds, recorded
+    return _rename(ds, renames, role), recorded

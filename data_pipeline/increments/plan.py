@@ -25,7 +25,7 @@ from .base import (
     InputError,
 )
 from .graph import _lazy, gather
-from .inputs import open_input
+from .inputs import open_input, parse_renames
 from .numerics import _role_block
 from .splits import assign_splits
 from .timeaxis import TimeAxis, align, iso_duration
@@ -70,6 +70,8 @@ def plan_increments(
     state: str = "analysis",
     tolerance: Any = None,
     level_dims: Sequence[str] | str | None = None,
+    analysis_dims: dict[str, str] | str | None = None,
+    forecast_dims: dict[str, str] | str | None = None,
 ) -> IncrementPlan:
     """Open and validate the inputs and build the lazy increment dataset.
 
@@ -89,13 +91,23 @@ def plan_increments(
     if isinstance(level_dims, str):
         level_dims = [v.strip() for v in level_dims.split(",") if v.strip()]
 
-    ana, ana_src = open_input(analyses, "analyses", TIME)
-    fc, fc_src = open_input(forecasts, "forecasts", INIT)
+    ana, ana_src = open_input(
+        analyses, "analyses", TIME, parse_renames(analysis_dims, "analysis dims")
+    )
+    fc, fc_src = open_input(
+        forecasts, "forecasts", INIT, parse_renames(forecast_dims, "forecast dims")
+    )
     if TIME not in ana.dims:
-        raise InputError(f"analyses have no '{TIME}' dimension (dims: {list(ana.dims)})")
+        raise InputError(
+            f"analyses have no '{TIME}' dimension (dims: {list(ana.dims)}); rename theirs "
+            f"with --analysis-dims NAME={TIME}"
+        )
     for dim in (INIT, LEAD):
         if dim not in fc.dims:
-            raise InputError(f"forecasts have no '{dim}' dimension (dims: {list(fc.dims)})")
+            raise InputError(
+                f"forecasts have no '{dim}' dimension (dims: {list(fc.dims)}); rename theirs "
+                f"with --dims, e.g. --dims time={INIT},step={LEAD} for IFS-style names"
+            )
     for ds, dims, role in [(ana, (TIME,), "analyses"), (fc, (INIT, LEAD), "forecasts")]:
         for dim in dims:
             if dim not in ds.coords:

@@ -112,7 +112,14 @@ class TimeAxis:
             if not math.isfinite(span):
                 raise InputError(f"{what} must be finite, got {value!r}")
             return span
-        if isinstance(value, int | float | np.number) and not isinstance(value, np.timedelta64):
+        bare = isinstance(value, int | float | np.number) and not isinstance(value, np.timedelta64)
+        if isinstance(value, str):  # "6" from a command line: a number, not 6 nanoseconds
+            try:
+                float(value)
+                bare = True
+            except ValueError:
+                pass
+        if bare:
             raise InputError(
                 f"{what} {value!r} has no unit; times are datetime64, so give a duration "
                 "such as '6h', '90min' or 'PT6H'"

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
             state=args.state,
             tolerance=args.tolerance,
             level_dims=args.level_dims,
+            analysis_dims=args.analysis_dims,
+            forecast_dims=args.dims,
             overwrite=args.overwrite,
             n_workers=args.workers,
             progress=not args.no_progress,
@@ -123,6 +125,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--level-dims",
         default=None,
         help="comma-separated vertical dims (default: detected from CF attributes and usual names)",
+    )
+    p.add_argument(
+        "--dims",
+        default=None,
+        metavar="NAME=NEW,...",
+        help="rename the forecasts' dims and coordinates to init_time/lead_time, e.g. "
+        "time=init_time,step=lead_time (IFS-style archives)",
+    )
+    p.add_argument(
+        "--analysis-dims",
+        default=None,
+        metavar="NAME=NEW,...",
+        help="rename the analyses' dims and coordinates, e.g. valid_time=time",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
