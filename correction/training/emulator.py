@@ -28,16 +28,44 @@ from correction.networks import CorrectionModel
 from .settings import EmulatorConfig
 
 
+def channel_stats(states: np.ndarray, layout: ModelLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each packed channel (field and level), ``[C]`` each."""
+    packed = layout.pack(torch.from_numpy(np.ascontiguousarray(states))).numpy()
+    flat = np.moveaxis(packed, 1, 0).reshape(packed.shape[1], -1)
+    return flat.mean(axis=1), flat.std(axis=1)
+
+
+def _as_state(values: np.ndarray, layout: ModelLayout) -> np.ndarray:
+    """Per-channel ``values`` laid out as one state ``[1, *state_shape]``."""
+    h = layout.horizontal_shape
+    packed = np.broadcast_to(values.reshape(1, -1, *([1] * len(h))), (1, len(values), *h))
+    return layout.unpack(torch.from_numpy(np.ascontiguousarray(packed))).numpy()
+
+
 def training_states(
-    host: HostModel, analyses: np.ndarray, cfg: EmulatorConfig, rng: np.random.Generator
+    host: HostModel,
+    analyses: np.ndarray,
+    cfg: EmulatorConfig,
+    rng: np.random.Generator,
+    layout: ModelLayout | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """States around the analyses and the host's next states (forward calls only)."""
+    """States around the analyses and the host's next states (forward calls only).
+
+    Perturbations are ``cfg.perturbations`` in state units for a one-channel state
+    (Lorenz-96), and in each channel's standard deviation when there are several
+    (fields in K and Pa cannot share one perturbation size).
+    """
     n_each = cfg.n_states // (len(cfg.perturbations) * 2)
-    scale = analyses.std()
+    if layout is not None and layout.channels > 1:
+        mean_c, std_c = channel_stats(analyses, layout)
+        unit = _as_state(np.where(std_c > 0, std_c, 1.0), layout)
+        center, spread = _as_state(mean_c, layout), unit
+    else:
+        unit, center, spread = 1.0, analyses.mean(), analyses.std()
     starts = []
     for p in cfg.perturbations:
         pick = analyses[rng.integers(0, len(analyses), n_each)]
-        starts.append(pick + p * rng.standard_normal(pick.shape))
+        starts.append(pick + p * unit * rng.standard_normal(pick.shape))
     x0 = np.concatenate(starts)
     states = [x0]
     with torch.no_grad():
@@ -50,7 +78,13 @@ def training_states(
             along[depth == s] = x.numpy()[depth == s]
         states.append(along)
         inputs = np.concatenate(states)
-        inputs = inputs[np.abs(inputs).max(axis=1) < 10 * scale + 20]
+        # drop states that ran far off (per sample, in each channel's spread)
+        if np.ndim(spread) == 0:
+            far = np.abs(inputs).reshape(len(inputs), -1).max(axis=1) >= 10 * spread + 20
+        else:
+            z = np.abs(inputs - center) / spread
+            far = z.reshape(len(inputs), -1).max(axis=1) >= 20
+        inputs = inputs[~far]
         outputs = host.step(torch.from_numpy(inputs)).numpy()
     return inputs, outputs
 
@@ -73,6 +107,7 @@ def tangent_error(
     steps: int,
     seed: int = 0,
     eps: float = 1e-4,
+    scale: np.ndarray | None = None,
 ) -> float:
     """Relative error of the emulator's tangent-linear model after ``steps`` steps.
 
@@ -82,10 +117,13 @@ def tangent_error(
     host, which needs forward calls only (black boxes included):
     ``|J_emu v - J_host v| / |J_host v - v|`` over random unit directions ``v``,
     i.e. measured against what the steps change, not against the identity.
+    ``scale`` (a state of per-channel spreads) makes directions and norms per
+    channel, so a field in Pa does not stand for the whole state.
     """
     rng = np.random.default_rng(seed)
-    v = rng.standard_normal(x0.shape)
-    v /= np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape(-1, *([1] * (v.ndim - 1)))
+    w = np.ones((1, *x0.shape[1:])) if scale is None else np.asarray(scale)
+    v = rng.standard_normal(x0.shape) * w
+    v /= np.linalg.norm((v / w).reshape(len(v), -1), axis=1).reshape(-1, *([1] * (v.ndim - 1)))
 
     def run(step, x):
         for _ in range(steps):
@@ -96,8 +134,9 @@ def tangent_error(
         x, d = torch.from_numpy(x0), torch.from_numpy(v)
         jh = (run(host.step, x + eps * d) - run(host.step, x - eps * d)) / (2 * eps)
     _, je = torch.func.jvp(lambda z: run(emulator.step, z), (x,), (d,))
-    num = torch.linalg.vector_norm((je - jh).reshape(len(x), -1), dim=1)  # per sample
-    den = torch.linalg.vector_norm((jh - d).reshape(len(x), -1), dim=1)
+    wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)).to(jh.dtype)
+    num = torch.linalg.vector_norm(((je - jh) / wt).reshape(len(x), -1), dim=1)  # per sample
+    den = torch.linalg.vector_norm(((jh - d) / wt).reshape(len(x), -1), dim=1)
     return float(torch.mean(num / den))
 
 
@@ -117,7 +156,7 @@ def train_emulator(
     black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    x, y = training_states(black_box, analyses.astype(np.float64), cfg, rng)
+    x, y = training_states(black_box, analyses.astype(np.float64), cfg, rng, layout)
     dt = float(host.dt)
     target = (y - x) / dt
     n_val = max(len(x) // 10, 1)
@@ -126,9 +165,10 @@ def train_emulator(
     model = CorrectionModel(
         cfg.network, cfg.params, layout.channels, layout.channels, len(layout.horizontal_dims)
     )
-    model.set_normalisation(
-        [x[train].mean()], [x[train].std()], [target[train].mean()], [target[train].std()]
-    )
+    # per channel (one channel: the same numbers as one global mean and std)
+    in_mean, in_std = channel_stats(x[train], layout)
+    out_mean, out_std = channel_stats(target[train], layout)
+    model.set_normalisation(in_mean, np.where(in_std > 0, in_std, 1.0), out_mean, out_std)
     pack = lambda a: layout.pack(torch.as_tensor(a, dtype=torch.float32))  # noqa: E731
     xt, yt = pack(x), pack(target)
     yn = (yt - model._expand(model.out_mean)) / model._expand(model.out_std)
@@ -155,13 +195,20 @@ def train_emulator(
     config["emulator"] = {"host": host_name, "host_params": host_params or {}, "dt": dt}
     emulator = Emulator(model, config)
     x_eval = analyses[rng.integers(0, len(analyses), 256)].astype(np.float64)
+    spread = None
+    if layout.channels > 1:  # directions and norms per channel
+        spread = _as_state(np.where(in_std > 0, in_std, 1.0), layout)
     metrics = {
         "val_loss": history[-1]["val_loss"],
         "one_step_rmse": rollout_error(emulator, black_box, x_eval, 1),
         "ten_step_rmse": rollout_error(emulator, black_box, x_eval, 10),
         # the tangent-linear model, which the emulator-gradient modes rely on
-        "one_step_tangent_rel_err": tangent_error(emulator, black_box, x_eval[:64], 1),
-        "ten_step_tangent_rel_err": tangent_error(emulator, black_box, x_eval[:64], 10),
+        "one_step_tangent_rel_err": tangent_error(
+            emulator, black_box, x_eval[:64], 1, scale=spread
+        ),
+        "ten_step_tangent_rel_err": tangent_error(
+            emulator, black_box, x_eval[:64], 10, scale=spread
+        ),
         "host_one_step_change_rms": float(np.sqrt(np.mean((y - x) ** 2))),
     }
     config.update(

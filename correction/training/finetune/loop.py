@@ -52,6 +52,12 @@ def split_windows(train_end: int, cfg: FinetuneConfig) -> tuple[int, np.ndarray]
     return train_hi, val_starts[pick.astype(int)]
 
 
+def _channel_variance(a: torch.Tensor, layout) -> torch.Tensor:
+    """Variance of each packed channel over time and grid (``[C]``)."""
+    packed = layout.pack(a.reshape(a.shape[0], *layout.state_shape))
+    return packed.transpose(0, 1).reshape(packed.shape[1], -1).var(dim=1)
+
+
 def finetune(
     repository: str | Path,
     name: str,
@@ -94,7 +100,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
     a = torch.from_numpy(np.asarray(analyses, dtype=np.float64))
     train_hi, val_starts = split_windows(train_end, cfg)
-    clim_var = float(a[:train_end].var())
+    # one climatological variance per channel (field and level): losses in their units
+    clim_var = _channel_variance(a[:train_end], parent.layout)
     out_std = model.out_std.detach().clone()
 
     def val_loss() -> float:

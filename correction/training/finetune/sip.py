@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from .strategies import Strategy
 
 
+#: the largest Gauss-Newton system SIP builds per window (offsets; the matrix is square)
+MAX_SIP_UNKNOWNS = 4096
+
+
 class _Recorded(Correction):
     """A correction that keeps each step's input state and output (SIP's reference)."""
 
@@ -47,12 +51,25 @@ def sip_loss(
 
     emu, dt, steps = strategy.emulator, strategy.dt, strategy.steps
     n_int = targets.shape[1]
+    shape = tuple(x0.shape[1:])  # one member's state; worked on flat below
+    k_dim = int(torch.tensor(shape).prod())
+    if n_int * k_dim > MAX_SIP_UNKNOWNS:
+        raise ValueError(
+            f"mode 'sip' solves for {n_int} x {k_dim} correction offsets per window (a "
+            f"dense {n_int * k_dim}-square system); at most {MAX_SIP_UNKNOWNS}: use hybrid "
+            "or emulator for states this large, or a shorter unroll"
+        )
+
+    def step_flat(z: torch.Tensor) -> torch.Tensor:
+        return emu.step(z.reshape(-1, *shape)).reshape(z.shape[0], k_dim)
+
     rec = _Recorded(strategy.correction)
     with torch.no_grad():
-        x = rollout(strategy.host, rec, x0, n_int * steps)
-        ref = torch.stack(rec.inputs, 1)  # [B, n_int*steps, K]
-        cor = torch.stack(rec.outputs, 1)
-        batch, k_dim = x0.shape
+        x = rollout(strategy.host, rec, x0, n_int * steps).reshape(len(x0), k_dim)
+        ref = torch.stack(rec.inputs, 1).reshape(len(x0), -1, k_dim)  # [B, n_int*steps, K]
+        cor = torch.stack(rec.outputs, 1).reshape(len(x0), -1, k_dim)
+        targets = targets.reshape(len(x0), n_int, k_dim)
+        batch = x0.shape[0]
         n_dir = n_int * k_dim
         # d(state)/d(offsets), propagated by the emulator's tangent-linear model along
         # the real trajectory: [B, K, n_dir]. Each step's Jacobian comes from one jvp
@@ -64,7 +81,7 @@ def sip_loss(
         for k in range(n_int * steps):
             n = k // steps
             base = ref[:, k].repeat_interleave(k_dim, 0)
-            _, cols = jvp(emu.step, (base,), (basis,))
+            _, cols = jvp(step_flat, (base,), (basis,))
             step_jac = cols.reshape(batch, k_dim, k_dim).transpose(1, 2)  # [B, out, in]
             tangent = step_jac @ tangent
             tangent[:, :, n * k_dim : (n + 1) * k_dim] += eye
@@ -81,7 +98,7 @@ def sip_loss(
         delta = -torch.linalg.solve(jtj + lam[:, None, None] * eye_n, rhs)[..., 0]
     delta = delta.reshape(x0.shape[0], n_int, -1).repeat_interleave(steps, dim=1)
     target_c = (cor + delta).detach()
-    pred = strategy.correction.tendency(ref.reshape(-1, ref.shape[-1]))
+    pred = strategy.correction.tendency(ref.reshape(-1, *shape))
     pred = pred.reshape(cor.shape)
-    scale = out_std.to(pred.dtype).reshape(1, 1, -1)
+    scale = strategy.per_channel(out_std, x0).reshape(1, 1, k_dim)
     return torch.mean(((pred - target_c) / scale) ** 2)

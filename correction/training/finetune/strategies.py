@@ -79,6 +79,21 @@ class Strategy:
         self.sip_damping = sip_damping
         self.dt = float(host.dt)
 
+    def per_channel(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``values`` (one per channel: field and level) laid out as one state, ``[1, *state]``.
+
+        Losses divide each channel by its own scale, so a field in Pa does not drown
+        one in K. A single-channel state (Lorenz-96) gets one scale everywhere, as
+        before channels were told apart.
+        """
+        layout = getattr(self.correction, "layout", None)
+        values = torch.as_tensor(values, dtype=like.dtype).reshape(-1)
+        if layout is None or values.numel() == 1:
+            return values.reshape(1, *([1] * (like.ndim - 1))).expand(1, *like.shape[1:])
+        h = layout.horizontal_shape
+        packed = values.reshape(1, -1, *([1] * len(h))).expand(1, values.numel(), *h)
+        return layout.unpack(packed.contiguous())
+
     def interval(self, x: torch.Tensor, gradient: Gradient | None = None) -> torch.Tensor:
         """One analysis interval (``steps`` host steps) under this mode's gradients."""
         gradient = self.gradient if gradient is None else gradient
@@ -93,12 +108,17 @@ class Strategy:
         clim_var: float,
         gradient: Gradient | None = None,
     ) -> torch.Tensor:
-        """Mean squared distance to the next ``n`` analyses, in climatological variances."""
+        """Mean squared distance to the next ``n`` analyses, in climatological variances.
+
+        ``clim_var`` is one variance per channel (or one for all): each field and
+        level is measured against its own climatology.
+        """
         x = a[starts]
+        scale = self.per_channel(torch.as_tensor(clim_var, dtype=a.dtype), x)
         loss = torch.zeros((), dtype=a.dtype)
         for k in range(1, n + 1):
             x = self.interval(x, gradient)
-            loss = loss + torch.mean((x - a[starts + k]) ** 2) / clim_var
+            loss = loss + torch.mean((x - a[starts + k]) ** 2 / scale)
         return loss / n
 
     def loss(
@@ -131,7 +151,7 @@ class OneStep(Strategy):
         fc = rollout(self.host, None, x, self.steps)
         target = (a[starts + 1] - fc) / (self.steps * self.dt)
         pred = self.correction.tendency(x)
-        return torch.mean(((pred - target) / out_std.to(pred.dtype)) ** 2)
+        return torch.mean(((pred - target) / self.per_channel(out_std, pred)) ** 2)
 
 
 @register
