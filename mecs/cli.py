@@ -27,6 +27,7 @@ COMMANDS = [
     "emulator",
     "finetune",
     "evaluate",
+    "verify",
     "forecast",
     "serve",
     "demo",
