@@ -36,10 +36,19 @@ class InferRequestedOutput(BaseModel):
 
 
 class InferParameters(BaseModel):
-    dt: float | None = Field(None, gt=0, description="host time step (checked, echoed)")
+    dt: float | None = Field(
+        None, gt=0, description="host time step, in dt_unit (needs one for per-hour models)"
+    )
+    dt_unit: str | None = Field(
+        None,
+        description="s, min, h, day or 'model time unit': the correction comes back per it",
+    )
     binary_data_output: bool | None = Field(None, description="all outputs as raw bytes")
     degraded_steps: int | None = Field(
-        None, ge=0, description="steps the client ran uncorrected since its last call"
+        None,
+        ge=0,
+        le=1000,
+        description="steps the client ran uncorrected since its last call (at most 1000)",
     )
 
 

@@ -146,3 +146,103 @@ def test_every_mode_runs_and_learns_on_a_gridded_state(tmp_path, analyses, emula
     first, best = result.history[0]["val_loss"], result.best_val
     assert np.isfinite(best) and best < first, (mode, first, best)
     assert artifacts.list_versions(repo, "grid") == [1, 2]
+
+
+def grid_step(states):
+    """The toy host as a ``python:`` host: numpy batches in and out."""
+    with torch.no_grad():
+        return GridHost().step(torch.from_numpy(np.asarray(states))).numpy()
+
+
+def test_emulator_and_finetune_commands_on_a_gridded_netcdf_store(tmp_path, analyses, capsys):
+    """Through the command line: an analyses file in a centre's shape, a python: host."""
+    import xarray as xr
+
+    from mecs.cli import main
+
+    t = np.datetime64("2022-01-01T00", "ns") + np.arange(len(analyses)) * np.timedelta64(6, "h")
+    coords = {
+        "time": t,
+        "lev": ("lev", [850.0, 500.0], {"units": "hPa", "positive": "down"}),
+        "lat": ("lat", np.linspace(-45, 45, 4), {"units": "degrees_north"}),
+        "lon": ("lon", np.linspace(0, 300, 6), {"units": "degrees_east"}),
+    }
+    ds = xr.Dataset(
+        {
+            "T": (("time", "lev", "lat", "lon"), analyses[:, :2], {"units": "K"}),
+            "ps": (("time", "lat", "lon"), analyses[:, 2], {"units": "Pa"}),
+        },
+        coords=coords,
+        attrs={"test_start": str(t[200])},
+    )
+    store = tmp_path / "analyses.nc"
+    ds.to_netcdf(store)
+    host = ["--host", "python:test_gridded_online:grid_step", "--host-dt", "3"]
+    code = main(
+        [
+            "emulator",
+            *host,
+            "--data",
+            str(store),
+            "--out",
+            str(tmp_path / "emu"),
+            "--epochs",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    _, config = artifacts.load(tmp_path / "emu")
+    assert config["layout"]["fields"] == ["T", "ps"] and config["layout"]["state_shape"] == [
+        3,
+        4,
+        6,
+    ]
+    repo = _repository(tmp_path, analyses)
+    code = main(
+        [
+            "finetune",
+            "--mode",
+            "hybrid",
+            *host,
+            "--data",
+            str(store),
+            "--repository",
+            str(repo),
+            "--name",
+            "grid",
+            "--emulator",
+            str(tmp_path / "emu"),
+            "--iterations",
+            "6",
+            "--unroll",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    config = artifacts.read_config(repo / "grid" / "2")
+    assert config["training"]["host_spec"] == "python:test_gridded_online:grid_step"
+    assert config["time"]["host_dt"] == 3.0
+
+
+def test_the_service_states_the_channel_order(start_server, tmp_path, analyses):
+    from service.client import CorrectionClient
+
+    repo = _repository(tmp_path, analyses)
+    server = start_server(repo)
+    with CorrectionClient(server.url, "grid") as c:
+        meta = c.metadata()
+        p = meta["parameters"]
+        assert p["channels"] == ["T[lev=0]", "T[lev=1]", "ps"]
+        assert p["layout"]["fields"] == ["T", "ps"] and p["dims"] == [
+            "batch",
+            "channel",
+            "lat",
+            "lon",
+        ]
+        x = analyses[:2]
+        res = c.infer(x)
+    assert res.correction.shape == (2, 3, 4, 6)

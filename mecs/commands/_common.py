@@ -21,6 +21,7 @@ class AnalysisData:
     times: np.ndarray
     test_start: float | None
     host_params: dict[str, Any]
+    layout: Any = None  # the correction layout the state is stacked in
 
     @property
     def interval(self) -> float:
@@ -34,36 +35,104 @@ class AnalysisData:
         return int(np.searchsorted(self.times, self.test_start - 1e-9))
 
 
-def load_analyses(path: str | Path, variable: str = "X") -> AnalysisData:
-    """A ``mecs synth`` directory, or an analyses store (zarr or netCDF)."""
-    import xarray as xr
+def load_analyses(
+    path: str | Path,
+    variable: str = "X",
+    layout: Any = None,
+    dims: str | None = None,
+    variables: str | None = None,
+    time_unit: str | None = None,
+) -> AnalysisData:
+    """Analyses from a ``mecs synth`` directory, or any analyses store in the pipeline's
+    conventions (zarr, netCDF or a glob; ``dims`` renames, as ``mecs increments --dims``).
 
-    from correction.storage import open_zarr
+    The state is the fields of ``layout`` (a correction model's) stacked in its order,
+    else ``variables`` (comma-separated) or, in a benchmark store, ``variable``.
+    Datetime64 times are counted in ``time_unit`` (the host's; hours by default).
+    """
     from data_pipeline.benchmarks import L96Benchmark
+    from data_pipeline.increments import InputError, open_input
+    from data_pipeline.increments.base import TIME
+    from data_pipeline.increments.inputs import parse_renames
 
     path = Path(path)
     host_params: dict[str, Any] = {}
     test_start = None
-    store = path
+    source: Any = str(path)
     if (path / "analyses.zarr").exists():
-        store = path / "analyses.zarr"
+        source = path / "analyses.zarr"
         summary = json.loads((path / "config.json").read_text())
         c = summary["config"]
         host_params = L96Benchmark.of(c).host_params()
         test_start = float(summary["test_start"])
-    if not store.exists():
-        raise UsageError(f"analyses {path} do not exist")
-    ds = open_zarr(store) if store.suffix == ".zarr" or store.is_dir() else xr.open_dataset(store)
-    if variable not in ds:
-        raise UsageError(f"analyses {store} have no variable '{variable}' ({list(ds.data_vars)})")
-    if test_start is None and "test_start" in ds.attrs:
-        test_start = float(ds.attrs["test_start"])
-    values = ds[variable].values.astype(np.float64)
+    try:
+        ds, _ = open_input(source, "analyses", TIME, parse_renames(dims, "--dims"))
+    except InputError as err:
+        raise UsageError(" ".join(str(err).split())) from None
+    if TIME not in ds.dims:
+        raise UsageError(f"analyses {path} have no '{TIME}' dimension ({list(ds.dims)})")
+    if layout is None:
+        fields = [v.strip() for v in variables.split(",")] if variables else None
+        if fields is None:
+            fields = (
+                [variable] if variable in ds else [v for v in ds.data_vars if TIME in ds[v].dims]
+            )
+        layout = layout_of(ds, fields)
+    try:
+        values = layout.dataset_to_state(ds, TIME).astype(np.float64)
+    except ValueError as err:
+        raise UsageError(f"analyses {path}: {err}") from None
     if not np.isfinite(values).all():
         bad = int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])
-        raise UsageError(f"analyses {store}: variable '{variable}' has NaN at time index {bad}")
-    times = ds["time"].values.astype(np.float64)
-    return AnalysisData(store, values, times, test_start, host_params)
+        raise UsageError(f"analyses {path}: NaN or Inf at time {ds[TIME].values[bad]}")
+    raw = ds[TIME].values
+    if test_start is None and "test_start" in ds.attrs:
+        test_start = ds.attrs["test_start"]
+    if raw.dtype.kind == "M":  # datetime64: counted in the host's time unit from the start
+        from correction.timeunits import seconds_per
+
+        per = seconds_per(time_unit or "hour")
+        if per is None:
+            raise UsageError(
+                f"analyses {path} have datetime64 times but the host counts model time units"
+            )
+        origin = raw[0]
+        times = (raw - origin) / np.timedelta64(1, "s") / per
+        if isinstance(test_start, str):
+            test_start = float((np.datetime64(test_start) - origin) / np.timedelta64(1, "s") / per)
+    else:
+        times = raw.astype(np.float64)
+    if test_start is not None:
+        test_start = float(test_start)
+    data = AnalysisData(path, values, times, test_start, host_params)
+    data.layout = layout
+    return data
+
+
+def layout_of(ds: Any, fields: list[str]):
+    """The model layout of ``fields`` of an analyses dataset (levels detected as the
+    increment pipeline does)."""
+    from correction.layout import ModelLayout
+    from data_pipeline.increments.base import TIME
+    from data_pipeline.increments.validation import level_dims_of
+
+    missing = [f for f in fields if f not in ds]
+    if missing:
+        raise UsageError(f"analyses have no variable '{missing[0]}' ({list(ds.data_vars)})")
+    levels = {f: list(level_dims_of([d for d in ds[f].dims if d != TIME], [ds])) for f in fields}
+    try:
+        layout = ModelLayout.from_dataset(ds, fields, levels, sample_dim=TIME)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    units = {f: str(ds[f].attrs.get("units", "1")) for f in fields}
+    return ModelLayout(
+        layout.fields,
+        layout.field_dims,
+        layout.level_dims,
+        layout.horizontal_dims,
+        layout.sizes,
+        units,
+    )
 
 
 def settings_with_flags(args: Any, flags: tuple[str, ...]) -> dict[str, Any]:

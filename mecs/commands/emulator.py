@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mecs.cli import UsageError
 
+from ._common import HOST_HELP
+
 
 def run(args: argparse.Namespace) -> int:
     from correction.hosts import BlackBoxHost
-    from correction.layout import ModelLayout
+    from correction.hosts.process import HostProcessError
+    from correction.hosts.specs import close_host
     from correction.training.emulator import EmulatorConfig, train_emulator
     from data_pipeline.config import ConfigError
 
@@ -22,20 +26,31 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mecs emulator: {err}") from None
     if Path(args.out).exists():
         raise UsageError(f"mecs emulator: output {args.out} exists; choose a new path")
-    data = load_analyses(args.data)
-    host = make_named_host(args.host, data.host_params)
-    k = data.values.shape[-1]
-    layout = ModelLayout(("X",), {"X": ("k",)}, {"X": ()}, ("k",), {"k": k}, {"X": "1"})
-    path, metrics = train_emulator(
-        BlackBoxHost.wrap(host),
+    data = load_analyses(args.data, dims=args.dims, variables=args.variables)
+    layout = data.layout
+    host = make_named_host(
         args.host,
-        data.values[: data.train_end],
-        layout,
-        args.out,
-        cfg,
-        host_params=data.host_params,
-        progress=not args.no_progress,
+        data.host_params,
+        state_shape=layout.state_shape,
+        dt=args.host_dt,
+        timeout_s=args.host_timeout,
     )
+    try:
+        path, metrics = train_emulator(
+            host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host),
+            args.host,
+            data.values[: data.train_end],
+            layout,
+            args.out,
+            cfg,
+            host_params=data.host_params,
+            progress=not args.no_progress,
+        )
+    except HostProcessError as err:  # nothing was written
+        print(f"error: mecs emulator: {err}", file=sys.stderr)
+        return 1
+    finally:
+        close_host(host)
     print(
         f"emulator: one-step RMSE {metrics['one_step_rmse']:.4g}, 10-step RMSE "
         f"{metrics['ten_step_rmse']:.4g} against the host"
@@ -46,8 +61,21 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("emulator", help="train a neural emulator of the host model")
-    p.add_argument("--host", required=True, help="host model name (l96)")
-    p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
+    p.add_argument("--host", required=True, help=HOST_HELP)
+    p.add_argument(
+        "--data", required=True, help="mecs synth directory, or an analyses store or glob"
+    )
+    p.add_argument("--variables", help="comma-separated fields of the state (default: all)")
+    p.add_argument("--dims", help="rename the analyses' dims, e.g. valid_time=time")
+    p.add_argument(
+        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
+    )
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a process: host may take per step before it is killed",
+    )
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--config", help="JSON or TOML file of emulator settings")
     p.add_argument("--epochs", type=int, default=None)

@@ -30,10 +30,32 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mecs finetune: {err}") from None
     if cfg.mode in NEEDS_EMULATOR and not args.emulator:
         raise UsageError(f"mecs finetune: mode '{cfg.mode}' needs --emulator PATH")
-    data = load_analyses(args.data)
-    host = make_named_host(
-        args.host, data.host_params, dt=args.host_dt, timeout_s=args.host_timeout
-    )
+    from correction.hosts.specs import HostSpecError, parse_host_spec
+    from correction.inference import Corrector
+
+    try:
+        parent_layout = Corrector.load(args.repository, args.name, args.from_version).layout
+        spec = parse_host_spec(args.host)
+    except (ArtifactError, HostSpecError) as err:
+        raise UsageError(f"mecs finetune: {err}") from None
+    shape = parent_layout.state_shape
+    if spec.kind == "torch":  # its parameters come with a benchmark's analyses
+        data = load_analyses(args.data, layout=parent_layout, dims=args.dims)
+        host = make_named_host(args.host, data.host_params, state_shape=shape)
+    else:  # a black box says its time unit, which datetime analyses are counted in
+        host = make_named_host(
+            args.host, {}, state_shape=shape, dt=args.host_dt, timeout_s=args.host_timeout
+        )
+        try:
+            data = load_analyses(
+                args.data,
+                layout=parent_layout,
+                dims=args.dims,
+                time_unit=getattr(host, "time_unit", None),
+            )
+        except UsageError:
+            close_host(host)
+            raise
     steps = round(data.interval / host.dt)
     if abs(steps * host.dt - data.interval) > 1e-6:
         raise UsageError(
@@ -93,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--emulator", help="emulator artifact (from mecs emulator)")
     p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
     p.add_argument("--host", default="l96", help=HOST_HELP + " (default l96)")
+    p.add_argument("--dims", help="rename the analyses' dims, e.g. valid_time=time")
     p.add_argument(
         "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
     )
