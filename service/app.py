@@ -145,8 +145,8 @@ class ServiceMiddleware:
     by what is admitted, not by how many clients send at once. Chunked bodies are
     counted as they arrive. A body that has not arrived within ``body_timeout_s``
     is answered 408 and its connection closed: a stalled sender holds no
-    connection forever. The timer is one ``call_later`` per request, cancelled
-    when the body is complete (for a small call, on its first ``receive``).
+    connection forever. Deadlines sit in a dict that one sweeper task checks a few
+    times per timeout (a request pays a dict insert and delete, not a timer).
     """
 
     def __init__(self, app: Any, state: ServiceState) -> None:
@@ -156,6 +156,23 @@ class ServiceMiddleware:
         settings = state.settings
         self.body_limit = settings.max_body_bytes
         self.json_limit = min(settings.max_json_body_bytes, settings.max_body_bytes)
+        # request tasks whose body is still arriving, with their deadlines
+        # (perf_counter): one sweeper task checks them, instead of a timer per request
+        self._waiting: dict[asyncio.Task, float] = {}
+        self._timed_out: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+
+    async def _sweep(self) -> None:
+        """Cancel requests whose body is late; they answer 408 (see ``__call__``)."""
+        period = min(1.0, self.state.settings.body_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.perf_counter()
+            for task, deadline in list(self._waiting.items()):
+                if now > deadline:
+                    del self._waiting[task]
+                    self._timed_out.add(task)
+                    task.cancel()
 
     async def _refuse(self, scope, receive, send, status, message, headers=None) -> None:
         state = self.state
@@ -224,20 +241,16 @@ class ServiceMiddleware:
                 scope["mecs.ticket"] = ticket
         status = [500]
         received = 0
-        timer = None
-        timed_out = False
         task = asyncio.current_task()
-        if declared or chunked:
-
-            def on_timeout() -> None:
-                nonlocal timed_out
-                timed_out = True
-                task.cancel()
-
-            timer = asyncio.get_running_loop().call_later(settings.body_timeout_s, on_timeout)
+        waiting = self._waiting
+        if declared or chunked:  # its body has a deadline, watched by the sweeper
+            waiting[task] = t0 + settings.body_timeout_s
+            sweeper = self._sweeper
+            if sweeper is None or sweeper.done() or sweeper.get_loop() is not task.get_loop():
+                self._sweeper = task.get_loop().create_task(self._sweep())
 
         async def limited_receive():
-            nonlocal received, reserved, timer
+            nonlocal received, reserved
             message = await receive()
             body = message.get("body")
             if body:
@@ -254,9 +267,8 @@ class ServiceMiddleware:
                             "server busy: too many request bytes admitted; retry shortly",
                             {"Retry-After": "1"},
                         )
-            if timer is not None and not message.get("more_body", False):
-                timer.cancel()
-                timer = None
+            if not message.get("more_body", False):
+                waiting.pop(task, None)
             return message
 
         async def send_status(message):
@@ -275,8 +287,9 @@ class ServiceMiddleware:
                 response = await _fast_infer(Request(scope, limited_receive), name, version)
                 await response(scope, receive, send_status)
         except asyncio.CancelledError:
-            if not timed_out:
+            if task not in self._timed_out:
                 raise
+            self._timed_out.discard(task)
             task.uncancel()
             log.info(
                 "request body from %s not complete after %.0f s (%d bytes); answered 408",
@@ -287,8 +300,7 @@ class ServiceMiddleware:
             msg = f"request body not received within {settings.body_timeout_s:g} s"
             await _error(408, msg, {"Connection": "close"})(scope, receive, send_status)
         finally:
-            if timer is not None:
-                timer.cancel()
+            waiting.pop(task, None)
             self.inflight_bytes -= reserved
             if ticket is not None:
                 ticket.close()
