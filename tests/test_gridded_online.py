@@ -246,3 +246,54 @@ def test_the_service_states_the_channel_order(start_server, tmp_path, analyses):
         x = analyses[:2]
         res = c.infer(x)
     assert res.correction.shape == (2, 3, 4, 6)
+
+
+def test_forecast_of_a_several_field_model_in_process_and_through_the_service(
+    start_server, tmp_path, analyses
+):
+    import xarray as xr
+
+    from correction.storage import open_zarr
+    from mecs.cli import main
+
+    repo = _repository(tmp_path, analyses)
+    t = np.arange(len(analyses)) * 0.2
+    ds = xr.Dataset(
+        {
+            "T": (("time", "lev", "lat", "lon"), analyses[:, :2], {"units": "K"}),
+            "ps": (("time", "lat", "lon"), analyses[:, 2], {"units": "Pa"}),
+        },
+        coords={"time": t, "lat": np.linspace(-45, 45, 4), "lon": np.arange(6.0)},
+        attrs={"test_start": float(t[200])},
+    )
+    init = tmp_path / "init.nc"
+    ds.to_netcdf(init)
+    base = [
+        "forecast",
+        "--host",
+        "python:test_gridded_online:grid_step",
+        "--host-dt",
+        "0.1",
+        "--init",
+        str(init),
+        "--steps",
+        "6",
+        "--members",
+        "3",
+        "--model",
+        "grid",
+        "--no-progress",
+    ]
+    assert main([*base, "--repository", str(repo), "--out", str(tmp_path / "local.zarr")]) == 0
+    server = start_server(repo)
+    assert main([*base, "--service", server.url, "--out", str(tmp_path / "remote.zarr")]) == 0
+    a, b = open_zarr(tmp_path / "local.zarr"), open_zarr(tmp_path / "remote.zarr")
+    assert a["T"].dims == ("member", "time", "lev", "lat", "lon") and a["ps"].dims[-2:] == (
+        "lat",
+        "lon",
+    )
+    assert a.sizes["time"] == 7 and a.sizes["member"] == 3
+    np.testing.assert_allclose(a["T"].values, b["T"].values, rtol=1e-5)
+    np.testing.assert_allclose(a["ps"].values, b["ps"].values, rtol=1e-5)
+    # member 0 starts from the analysis at test_start
+    np.testing.assert_allclose(a["T"].values[0, 0], analyses[200, :2], rtol=1e-6)
