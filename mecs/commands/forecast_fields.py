@@ -1,0 +1,156 @@
+"""``mecs forecast`` for several-field models: states stacked in the model's layout.
+
+The single-field path (Lorenz-96) stays in :mod:`mecs.commands.forecast` with its
+output format unchanged; this one writes one variable per field.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from mecs.cli import UsageError
+
+
+def model_state_shape(args) -> tuple[int, ...]:
+    """The correction model's state shape, for a host that cannot say its own (python:)."""
+    if args.repository:
+        from correction.artifacts import ArtifactError
+        from correction.inference import Corrector
+
+        try:
+            return tuple(Corrector.load(args.repository, args.model, args.version).state_shape)
+        except ArtifactError as err:
+            raise UsageError(f"mecs forecast: {err}") from None
+    from service.client import CorrectionClient, ServiceError
+
+    try:
+        with CorrectionClient(
+            args.service, args.model, version=args.version, api_key=os.environ.get("MECS_API_KEY")
+        ) as c:
+            return tuple(c.metadata()["inputs"][0]["shape"][1:])
+    except (ValueError, ServiceError) as err:
+        raise UsageError(f"mecs forecast: service {args.service}: {err}") from None
+
+
+def layout_of(source, client):
+    """The model's state layout: the corrector's, or the one the service's metadata states."""
+    from correction.layout import ModelLayout
+
+    corrector = getattr(source, "corrector", None)
+    if corrector is not None:
+        return corrector.layout
+    layout = (client.metadata().get("parameters") or {}).get("layout")
+    return ModelLayout.from_dict(layout) if layout else None
+
+
+def init_index(ds, init_time: str | None) -> int:
+    """The analysis to start from: ``--init-time`` (a number or an ISO time), else the test
+    period's first analysis, else the last one."""
+    import numpy as np
+
+    times = np.asarray(ds["time"].values)
+    datetime = times.dtype.kind == "M"
+    if init_time is None:
+        start = ds.attrs.get("test_start")
+        if start is None:
+            return len(times) - 1
+        start = np.datetime64(start) if datetime else float(start)
+        return min(int(np.searchsorted(times, start)), len(times) - 1)
+    try:
+        want = np.datetime64(init_time) if datetime else float(init_time)
+    except ValueError:
+        raise UsageError(f"mecs forecast: --init-time {init_time!r} is not a time") from None
+    hits = np.flatnonzero(times == want)
+    if not len(hits):
+        raise UsageError(f"mecs forecast: no analysis at --init-time {init_time}")
+    return int(hits[0])
+
+
+def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
+    """A forecast of a several-field model: state stacked in the layout, one variable per field."""
+    import numpy as np
+    import xarray as xr
+
+    from correction.forecast import run_forecast
+    from correction.storage import OutputExistsError, staged_directory, write_zarr
+
+    if layout is None:
+        raise UsageError("mecs forecast: the model states no layout; republish it")
+    if tuple(host.state_shape) != tuple(layout.state_shape):
+        raise UsageError(
+            f"mecs forecast: host state shape {list(host.state_shape)} is not the model's "
+            f"{list(layout.state_shape)} (fields {list(layout.fields)})"
+        )
+    i = init_index(ds, args.init_time)
+    try:
+        x = layout.dataset_to_state(ds.isel(time=[i]), "time")[0].astype(np.float64)
+    except ValueError as err:
+        raise UsageError(f"mecs forecast: --init: {err}") from None
+    if not np.isfinite(x).all():
+        raise UsageError(f"mecs forecast: the analysis at {ds['time'].values[i]} has NaN or Inf")
+    rng = np.random.default_rng(args.seed)
+    x0 = np.repeat(x[None], args.members, axis=0)
+    if args.members > 1:  # perturbations in each field's own spread
+        spread = layout.dataset_to_state(ds, "time").std(axis=0)
+        x0[1:] += args.perturbation * spread * rng.standard_normal(x0[1:].shape)
+    try:
+        result = run_forecast(host, x0, args.steps, source, args.output_every)
+    except FloatingPointError as err:
+        print(f"error: mecs forecast: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from service.client import ServiceError
+
+        if not isinstance(err, ServiceError):
+            raise
+        print(f"error: mecs forecast: correction service failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    states = result.states  # [time, member, *state]
+    n_t, n_m = states.shape[:2]
+    fields = layout.state_to_dataset(states.reshape(n_t * n_m, *layout.state_shape), ds, "case")
+    lead = result.steps * host.dt
+    t0 = ds["time"].values[i]
+    unit = getattr(host, "time_unit", "model time unit")
+    data_vars = {}
+    for f in layout.fields:
+        arr = fields[f].values.reshape(n_t, n_m, *fields[f].shape[1:]).swapaxes(0, 1)
+        attrs = {**ds[f].attrs, "long_name": f"corrected forecast of {f}"}
+        data_vars[f] = (("member", "time", *layout.field_dims[f]), arr.astype(np.float32), attrs)
+    data_vars["model_version"] = ("time", result.versions.astype(np.int32), {"units": "1"})
+    grid = {d: ds[d] for d in ds.coords if set(ds[d].dims) <= set(layout.sizes)}
+    out_ds = xr.Dataset(
+        data_vars,
+        coords={
+            "member": np.arange(n_m),
+            "lead_time": ("time", lead, {"long_name": "forecast lead time", "units": unit}),
+            "step": ("time", result.steps, {"long_name": "host model step", "units": "1"}),
+            **grid,
+        },
+        attrs={
+            "title": f"coupled forecast: host {host.name} + correction {args.model}",
+            "source": "mecs forecast",
+            "host": host.name,
+            "host_spec": args.host,
+            "host_dt": host.dt,
+            "host_time_unit": unit,
+            "correction": source.description,
+            "init_time": str(t0),
+            "members": n_m,
+            **result.stats,
+        },
+    )
+    try:
+        with staged_directory(out, overwrite=args.overwrite) as stage:
+            write_zarr(out_ds, stage)
+    except OutputExistsError as err:
+        raise UsageError(f"mecs forecast: {err}") from None
+    print(
+        f"forecast: {args.steps} steps x {n_m} members of {len(layout.fields)} fields with "
+        f"{source.description}; degraded steps {result.degraded_steps}; wrote {out.resolve()}"
+    )
+    return 0
