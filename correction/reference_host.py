@@ -5,7 +5,9 @@ host author's program looks like from mecs's side (read a request line and its
 bytes, step, write the answer), and it is the host the tests and the
 bring-your-own-model guide run as ``--host "process:python -m correction.reference_host"``.
 It steps the same one-scale Lorenz-96 as the torch host ``l96`` (RK4, the same
-formula), so a run through the process equals a run in process.
+formula), so a run through the process equals a run in process; ``--model grid``
+steps a two-field toy on a lat/lon grid instead (:func:`grid_tendency`; its
+``--dt`` is the step's length in ``--time-unit``, the toy's own step is fixed).
 
 The fault switches make it misbehave at a chosen step (counted from 1, over
 step requests): ``--crash-at N`` exits with status 3, ``--hang-at N`` stops
@@ -45,6 +47,31 @@ def l96_step(x: np.ndarray, forcing: float, dt: float) -> np.ndarray:
     return x + (dt / 6.0) * (k1 + 2.0 * (k2 + k3) + k4)
 
 
+#: the two-field toy's channel means (two temperature levels in K, surface pressure in Pa)
+GRID_MEAN = np.array([280.0, 250.0, 1.0e5]).reshape(3, 1, 1)
+
+
+def grid_tendency(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """A two-field toy on a periodic 4 x 6 grid: relaxation, zonal advection, diffusion.
+
+    The state is ``[..., 3, lat, lon]``: temperature on two levels and surface
+    pressure. A small nonlinear term couples the levels. ``bias`` (one value per
+    channel) is the tendency a "truth" has and the host lacks.
+    """
+    adv = -0.8 * (np.roll(x, -1, -1) - np.roll(x, 1, -1)) / 2
+    lap = np.roll(x, 1, -1) + np.roll(x, -1, -1) + np.roll(x, 1, -2) + np.roll(x, -1, -2) - 4 * x
+    mix = 0.05 * np.tanh((x[..., :1, :, :] - x[..., 1:2, :, :] - 30.0) / 10.0)
+    out = -(x - GRID_MEAN) / 5.0 + adv + 0.2 * lap
+    out = out + np.concatenate([mix, -mix, 0 * mix], axis=-3)
+    return out if bias is None else out + np.asarray(bias).reshape(3, 1, 1)
+
+
+def grid_step(x: np.ndarray, dt: float = 0.1) -> np.ndarray:
+    """One forward-Euler step of :func:`grid_tendency` (the host, without the bias)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x + dt * grid_tendency(x)
+
+
 def l96_step_default(x: np.ndarray) -> np.ndarray:
     """One step of the ``l96`` host's defaults (F = 10, dt = 0.01): a ``python:`` host."""
     return l96_step(np.asarray(x, dtype=np.float64), 10.0, 0.01)
@@ -52,6 +79,7 @@ def l96_step_default(x: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["l96", "grid"], default="l96")
     p.add_argument("--K", type=int, default=36)
     p.add_argument("--F", type=float, default=10.0)
     p.add_argument("--dt", type=float, default=0.01)
@@ -66,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "protocol": PROTOCOL,
             "name": args.name,
-            "state_shape": [args.K],
+            "state_shape": [args.K] if args.model == "l96" else [3, 4, 6],
             "dtype": "FP64",
             "dt": args.dt,
             "time_unit": args.time_unit,
@@ -96,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             write_message(out, {"id": rid, "error": f"cannot step: fault switch at step {n}"})
             continue
         for _ in range(int(header.get("steps", 1))):
-            x = l96_step(x, args.F, args.dt)
+            x = l96_step(x, args.F, args.dt) if args.model == "l96" else grid_step(x)
         if n == args.nan_at:
             x[..., 0] = np.nan
         if n == args.wrong_shape_at:

@@ -100,6 +100,8 @@ def test_mecs_verify_on_monthly_files(archive, tmp_path, capsys):
             str(tmp_path / "fc.nc"),
             "--dims",
             "time=init_time,step=lead_time",
+            "--reference-dims",
+            "time=init_time,step=lead_time",
             "--out",
             str(tmp_path / "out"),
         ]

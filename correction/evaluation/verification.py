@@ -91,6 +91,16 @@ def verify(
         missing = [d for d in dims if d not in ds.dims]
         if missing:
             raise VerificationError(f"{name} have no '{missing[0]}' dimension ({list(ds.dims)})")
+    if reference is not None:  # score both on the cases they share, and only those
+        for d in (INIT, LEAD):
+            if d not in reference.dims:
+                raise VerificationError(f"reference forecasts have no '{d}' dimension")
+        inits = np.intersect1d(forecasts[INIT].values, reference[INIT].values)
+        leads = np.intersect1d(forecasts[LEAD].values, reference[LEAD].values)
+        if not len(inits) or not len(leads):
+            raise VerificationError("forecasts and reference share no initial time and lead")
+        forecasts = forecasts.sel({INIT: inits, LEAD: leads})
+        reference = reference.sel({INIT: inits, LEAD: leads})
     fields = list(fields) if fields else [f for f in forecasts.data_vars if f in analyses]
     if not fields:
         raise VerificationError("forecasts and analyses share no field")
@@ -105,7 +115,7 @@ def verify(
     out: dict[str, Any] = {
         "weighting": "cos(latitude)" if lat is not None else "none",
         "climatology": {"analyses": int(clim_ana.sizes[TIME]), "end": str(end)},
-        "leads": [str(v) for v in forecasts[LEAD].values],
+        "leads": [_lead_label(v) for v in forecasts[LEAD].values],
         "fields": {},
     }
     for f in fields:
@@ -136,6 +146,13 @@ def verify(
             entry["rmse_vs_reference"] = _as_lists(scores["rmse"] / ref["rmse"], levels)
         out["fields"][f] = entry
     return out
+
+
+def _lead_label(value) -> str:
+    """``12h`` for a duration, the number itself for a numeric lead."""
+    if isinstance(value, np.timedelta64):
+        return f"{value / np.timedelta64(1, 'h'):g}h"
+    return f"{float(value):g}"
 
 
 def _scores(fc, ana, clim, w, grid) -> dict[str, xr.DataArray]:

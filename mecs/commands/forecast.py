@@ -36,18 +36,18 @@ def _parse_host_params(items: list[str]) -> dict:
 
 
 def _open_init(path: Path):
-    import xarray as xr
+    """The analyses to start from: a zarr store, a netCDF file or a glob of them."""
+    from data_pipeline.increments import InputError, open_input
+    from data_pipeline.increments.base import TIME
 
-    from correction.storage import open_zarr
-
-    if not path.exists():
+    text = str(path)
+    if not any(c in text for c in "*?[") and not path.exists():
         raise UsageError(f"mecs forecast: --init {path} does not exist")
     try:
-        if path.is_dir():
-            return open_zarr(path)
-        return xr.open_dataset(path)
-    except Exception as err:  # any unreadable store: one line, exit 2
-        raise UsageError(f"mecs forecast: cannot open --init {path}: {err}") from None
+        ds, _ = open_input(text, "--init", TIME)
+    except InputError as err:  # any unreadable store: one line, exit 2
+        raise UsageError(f"mecs forecast: {' '.join(str(err).split())}") from None
+    return ds
 
 
 def _initial_state(ds, variable: dict, init_time: float | None, host_shape) -> tuple:
@@ -306,6 +306,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="analysis time to start from (default: the store's test_start, else its last time)",
     )
     p.add_argument("--steps", type=int, required=True, help="host model steps")
+    p.add_argument(
+        "--hindcast",
+        action="store_true",
+        help="one forecast from every analysis from --init-time on (several-field models), "
+        "written as (init_time, lead_time, ...) for mecs verify",
+    )
+    p.add_argument("--init-every", type=int, default=1, help="with --hindcast: every Nth analysis")
     p.add_argument("--members", type=int, default=1, help="ensemble size (member 0 = control)")
     p.add_argument(
         "--perturbation",

@@ -84,12 +84,23 @@ def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
             f"{list(layout.state_shape)} (fields {list(layout.fields)})"
         )
     i = init_index(ds, args.init_time)
+    if args.hindcast:
+        if args.members != 1:
+            raise UsageError("mecs forecast: --hindcast runs one forecast per initial time")
+        picks = np.arange(i, ds.sizes["time"], args.init_every)
+    else:
+        picks = np.array([i])
     try:
-        x = layout.dataset_to_state(ds.isel(time=[i]), "time")[0].astype(np.float64)
+        x = layout.dataset_to_state(ds.isel(time=picks), "time").astype(np.float64)
     except ValueError as err:
         raise UsageError(f"mecs forecast: --init: {err}") from None
-    if not np.isfinite(x).all():
-        raise UsageError(f"mecs forecast: the analysis at {ds['time'].values[i]} has NaN or Inf")
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        t_bad = ds["time"].values[picks[np.argmax(bad)]]
+        raise UsageError(f"mecs forecast: the analysis at {t_bad} has NaN or Inf")
+    if args.hindcast:  # every initial time at once: one batch through host and service
+        return _hindcast(args, host, out, ds, source, layout, client, picks, x)
+    x = x[0]
     rng = np.random.default_rng(args.seed)
     x0 = np.repeat(x[None], args.members, axis=0)
     if args.members > 1:  # perturbations in each field's own spread
@@ -152,5 +163,70 @@ def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
     print(
         f"forecast: {args.steps} steps x {n_m} members of {len(layout.fields)} fields with "
         f"{source.description}; degraded steps {result.degraded_steps}; wrote {out.resolve()}"
+    )
+    return 0
+
+
+def _hindcast(args, host, out: Path, ds, source, layout, client, picks, x0) -> int:
+    """Forecasts from each of ``picks`` (analysis indices), written as ``(init_time,
+    lead_time, ...)``: the layout of a forecast archive, which ``mecs verify`` scores."""
+    import numpy as np
+    import xarray as xr
+
+    from correction.forecast import run_forecast
+    from correction.storage import OutputExistsError, staged_directory, write_zarr
+    from correction.timeunits import seconds_per
+
+    try:
+        result = run_forecast(host, x0, args.steps, source, args.output_every)
+    except FloatingPointError as err:
+        print(f"error: mecs forecast: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    states = result.states  # [lead, init, *state]
+    n_l, n_i = states.shape[:2]
+    fields = layout.state_to_dataset(states.reshape(n_l * n_i, *layout.state_shape), ds, "case")
+    unit = getattr(host, "time_unit", None) or "hour"
+    lead = result.steps * host.dt
+    inits = ds["time"].values[picks]
+    if inits.dtype.kind == "M":  # datetime analyses: leads as durations
+        per = seconds_per(unit)
+        if per is None:
+            raise UsageError(
+                "mecs forecast: datetime analyses need a host with a physical time unit"
+            )
+        lead = (np.asarray(lead) * per * 1e9).round().astype("timedelta64[ns]")
+    data_vars = {}
+    for f in layout.fields:
+        arr = fields[f].values.reshape(n_l, n_i, *fields[f].shape[1:]).swapaxes(0, 1)
+        attrs = {**ds[f].attrs, "long_name": f"corrected forecast of {f}"}
+        data_vars[f] = (
+            ("init_time", "lead_time", *layout.field_dims[f]),
+            arr.astype(np.float32),
+            attrs,
+        )
+    grid = {d: ds[d] for d in ds.coords if set(ds[d].dims) <= set(layout.sizes)}
+    out_ds = xr.Dataset(
+        data_vars,
+        coords={"init_time": inits, "lead_time": lead, **grid},
+        attrs={
+            "title": f"hindcasts: host {host.name} + correction {args.model}",
+            "source": "mecs forecast --hindcast",
+            "host_spec": args.host,
+            "host_dt": host.dt,
+            "correction": source.description,
+            "model_versions": sorted({int(v) for v in result.versions if v >= 0}),
+        },
+    )
+    try:
+        with staged_directory(out, overwrite=args.overwrite) as stage:
+            write_zarr(out_ds, stage)
+    except OutputExistsError as err:
+        raise UsageError(f"mecs forecast: {err}") from None
+    print(
+        f"forecast: {n_i} hindcasts x {args.steps} steps with {source.description}; "
+        f"wrote {out.resolve()}"
     )
     return 0

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
         fc, _ = open_input(args.forecasts, "forecasts", INIT, renames)
         ref = None
         if args.reference:
-            ref, _ = open_input(args.reference, "reference forecasts", INIT, renames)
+            ref_renames = parse_renames(args.reference_dims, "--reference-dims")
+            ref, _ = open_input(args.reference, "reference forecasts", INIT, ref_renames)
         end = None
         if args.climatology_end is not None:
             kind = ana[TIME].dtype.kind
@@ -99,5 +100,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="analyses before this time form the climatology (default: the first init time)",
     )
     p.add_argument("--dims", help="rename the forecasts' dims, e.g. time=init_time,step=lead_time")
+    p.add_argument("--reference-dims", help="the same for the reference forecasts")
     p.add_argument("--out", required=True, help="directory for metrics.json and plots")
     p.set_defaults(func=run)
