@@ -795,3 +795,69 @@ def test_ifs_style_names_are_mapped_and_bare_windows_refused(tmp_path, capsys):
         ]
     )
     assert open_zarr(out).attrs["content_hash"] == open_zarr(ref).attrs["content_hash"]
+
+
+def test_every_stage_takes_a_config_file_of_its_options(tmp_path, capsys):
+    """``--config`` gives options (a required one too); the command line wins; typos are named."""
+    ana, fc = make_archive()
+    a = write_store(ana, tmp_path / "ana", "netcdf")
+    f = write_store(
+        fc.rename({"init_time": "time", "lead_time": "step"}), tmp_path / "fc", "netcdf"
+    )
+    cfg = tmp_path / "inc.toml"
+    cfg.write_text('window = "6h"\ndims = "time=init_time,step=lead_time"\nscheduler = "sync"\n')
+    out = tmp_path / "o.zarr"
+    code = main(
+        [
+            "increments",
+            "--config",
+            str(cfg),
+            "--analyses",
+            str(a),
+            "--forecasts",
+            str(f),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert open_zarr(out).attrs["window_iso"] == "PT6H"
+    code = main(
+        [
+            "increments",
+            "--config",
+            str(cfg),
+            "--window",
+            "12h",
+            "--analyses",
+            str(a),
+            "--forecasts",
+            str(f),
+            "--out",
+            str(tmp_path / "o12.zarr"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and open_zarr(tmp_path / "o12.zarr").attrs["window_iso"] == "PT12H"
+    cfg.write_text('windoe = "6h"\n')
+    code = main(
+        [
+            "increments",
+            "--config",
+            str(cfg),
+            "--analyses",
+            str(a),
+            "--forecasts",
+            str(f),
+            "--out",
+            str(tmp_path / "x.zarr"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown option 'windoe'" in err and "\n" not in err, err
+    for command in ("verify", "evaluate", "forecast", "serve", "demo"):  # all accept both
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--config" in text and "--no-progress" in text, command
