@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import xarray as xr
+
+if TYPE_CHECKING:  # torch-free at run time: the Python client packs xarray states with it
+    import torch
+    import xarray as xr
 
 
 @dataclass(frozen=True)
@@ -160,4 +162,6 @@ class ModelLayout:
             units = self.units.get(f, "1") + suffix_units
             out[f] = ((batch_dim, *self.field_dims[f]), arr, {"units": units})
         coords = {k: v for k, v in like.coords.items() if set(v.dims) <= {batch_dim, *self.sizes}}
+        import xarray as xr
+
         return xr.Dataset(out, coords=coords)

@@ -297,3 +297,33 @@ def test_forecast_of_a_several_field_model_in_process_and_through_the_service(
     np.testing.assert_allclose(a["ps"].values, b["ps"].values, rtol=1e-5)
     # member 0 starts from the analysis at test_start
     np.testing.assert_allclose(a["T"].values[0, 0], analyses[200, :2], rtol=1e-6)
+
+
+def test_the_client_corrects_xarray_fields_in_the_stated_layout(start_server, tmp_path, analyses):
+    import subprocess
+    import sys
+
+    import xarray as xr
+
+    from correction.inference import Corrector
+    from service.client import CorrectionClient
+    from service.client.fields import FieldClient
+
+    repo = _repository(tmp_path, analyses)
+    server = start_server(repo)
+    x = analyses[:3]
+    ds = xr.Dataset(
+        {
+            "ps": (("member", "lat", "lon"), x[:, 2], {"units": "Pa"}),  # order does not matter
+            "T": (("member", "lev", "lat", "lon"), x[:, :2], {"units": "K"}),
+        },
+        coords={"lat": np.linspace(-45, 45, 4)},
+    )
+    with CorrectionClient(server.url, "grid") as c:
+        out = FieldClient(c).correct(ds)
+    want = Corrector.load(repo, "grid")(x)
+    np.testing.assert_allclose(out["T"].values, want[:, :2], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["ps"].values, want[:, 2], rtol=1e-4, atol=1e-4)
+    assert out["ps"].attrs["units"].startswith("Pa per")
+    code = "import sys, service.client.fields; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
