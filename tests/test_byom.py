@@ -211,7 +211,64 @@ def test_the_whole_chain_on_a_centre_shaped_archive(tmp_path, capsys, start_serv
     for v in (2, 3, 4):
         cfg = artifacts.read_config(repo / "centre" / str(v))
         assert cfg["training"]["host_spec"] == HOST and cfg["time"]["host_dt"] == 3.0
-    server = start_server(repo)  # serves version 4 (hybrid)
+    # no live host at all: the emulator learns the archive's 6 h steps, emulator mode uses it
+    arch_host = f"archive:{archive}"
+    arch_emu = tmp_path / "archive_emulator"
+    _ok(
+        [
+            "emulator",
+            "--host",
+            arch_host,
+            "--archive-dims",
+            ifs,
+            "--data",
+            analyses,
+            "--out",
+            str(arch_emu),
+            "--config",
+            str(emu_cfg),
+            "--no-progress",
+        ],
+        capsys,
+    )
+    emu_config = artifacts.read_config(arch_emu)
+    assert emu_config["emulator"]["dt"] == 6.0 and emu_config["emulator"]["host"] == arch_host
+    for mode, code in (("unrolled", 2), ("emulator", 0)):
+        rc = main(
+            [
+                "finetune",
+                "--mode",
+                mode,
+                "--host",
+                arch_host,
+                "--data",
+                analyses,
+                "--repository",
+                str(repo),
+                "--name",
+                "centre",
+                "--from",
+                "1",
+                "--emulator",
+                str(arch_emu),
+                "--iterations",
+                "10",
+                "--unroll",
+                "2",
+                "--batch-size",
+                "8",
+                "--no-progress",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert rc == code, err
+        if code:
+            assert "is a forecast archive" in err and "process:COMMAND" in err
+    assert artifacts.list_versions(repo, "centre") == [1, 2, 3, 4, 5]
+    server_repo_versions = artifacts.list_versions(repo, "centre")
+    assert server_repo_versions[-1] == 5
+    # the hindcasts below use version 4 (hybrid, the process host), pinned
+    server = start_server(repo)
     hind = tmp_path / "hindcasts.zarr"
     _ok(
         [

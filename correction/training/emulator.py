@@ -141,7 +141,7 @@ def tangent_error(
 
 
 def train_emulator(
-    host: HostModel,
+    host: HostModel | None,
     host_name: str,
     analyses: np.ndarray,
     layout: ModelLayout,
@@ -149,15 +149,28 @@ def train_emulator(
     cfg: EmulatorConfig | None = None,
     host_params: dict[str, Any] | None = None,
     progress: bool = True,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    dt: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Fit an emulator of ``host`` and save it as an artifact directory at ``out``."""
+    """Fit an emulator of ``host`` and save it as an artifact directory at ``out``.
+
+    With ``pairs`` (states and the states ``dt`` later, e.g. consecutive leads of a
+    forecast archive) and ``host`` None, the emulator learns from them instead of
+    calling a host; its figures are then measured on held-out pairs (one step; no
+    tangent error, which needs a live host).
+    """
     cfg = cfg or EmulatorConfig()
     t0 = time.perf_counter()
-    black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    x, y = training_states(black_box, analyses.astype(np.float64), cfg, rng, layout)
-    dt = float(host.dt)
+    black_box = None
+    if pairs is None:
+        black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
+        x, y = training_states(black_box, analyses.astype(np.float64), cfg, rng, layout)
+        dt = float(host.dt)
+    else:
+        x, y = (np.asarray(a, dtype=np.float64) for a in pairs)
+        dt = float(dt)
     target = (y - x) / dt
     n_val = max(len(x) // 10, 1)
     perm = rng.permutation(len(x))
@@ -198,6 +211,25 @@ def train_emulator(
     spread = None
     if layout.channels > 1:  # directions and norms per channel
         spread = _as_state(np.where(in_std > 0, in_std, 1.0), layout)
+    if black_box is None:  # learned from pairs: scored on the held-out ones
+        with torch.no_grad():
+            pred = emulator.step(torch.from_numpy(x[val])).numpy()
+        metrics = {
+            "val_loss": history[-1]["val_loss"],
+            "one_step_rmse": float(np.sqrt(np.mean((pred - y[val]) ** 2))),
+            "host_one_step_change_rms": float(np.sqrt(np.mean((y - x) ** 2))),
+            "source": "archive pairs (no live host: no tangent-linear figures)",
+        }
+        config.update(
+            metrics=metrics,
+            training={
+                "settings": dataclasses.asdict(cfg),
+                "history": history,
+                "n_states": len(x),
+                "wall_time_s": time.perf_counter() - t0,
+            },
+        )
+        return artifacts.save(out, model, config), metrics
     metrics = {
         "val_loss": history[-1]["val_loss"],
         "one_step_rmse": rollout_error(emulator, black_box, x_eval, 1),

@@ -109,6 +109,40 @@ def load_analyses(
     return data
 
 
+def archive_pairs(store: str, layout: Any, dims: str | None = None):
+    """States and the states one lead step later, from a forecast archive (``archive:``).
+
+    The archive is in the pipeline's conventions (``init_time``, ``lead_time``;
+    ``dims`` renames, e.g. ``time=init_time,step=lead_time``); its lead spacing is
+    the emulator's step (in hours for durations). Pairs with NaN are dropped.
+    """
+    from data_pipeline.increments import InputError, open_input
+    from data_pipeline.increments.base import INIT, LEAD
+    from data_pipeline.increments.inputs import parse_renames
+
+    try:
+        ds, _ = open_input(store, "archive", INIT, parse_renames(dims, "--dims"))
+    except InputError as err:
+        raise UsageError(" ".join(str(err).split())) from None
+    if INIT not in ds.dims or LEAD not in ds.dims or ds.sizes[LEAD] < 2:
+        raise UsageError(f"archive {store}: needs '{INIT}' and at least two '{LEAD}' values")
+    leads = ds[LEAD].values
+    steps = np.diff(leads)
+    if not (steps == steps[0]).all():
+        raise UsageError(f"archive {store}: lead times are not evenly spaced ({list(leads)})")
+    dt = steps[0] / np.timedelta64(1, "h") if leads.dtype.kind == "m" else float(steps[0])
+    try:
+        per_lead = [layout.dataset_to_state(ds.isel({LEAD: k}), INIT) for k in range(len(leads))]
+    except ValueError as err:
+        raise UsageError(f"archive {store}: {err}") from None
+    x = np.concatenate(per_lead[:-1]).astype(np.float64)
+    y = np.concatenate(per_lead[1:]).astype(np.float64)
+    ok = np.isfinite(x.reshape(len(x), -1)).all(1) & np.isfinite(y.reshape(len(y), -1)).all(1)
+    if not ok.any():
+        raise UsageError(f"archive {store}: no pair of consecutive leads without NaN")
+    return (x[ok], y[ok]), float(dt)
+
+
 def layout_of(ds: Any, fields: list[str]):
     """The model layout of ``fields`` of an analyses dataset (levels detected as the
     increment pipeline does)."""

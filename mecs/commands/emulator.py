@@ -28,6 +28,24 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mecs emulator: output {args.out} exists; choose a new path")
     data = load_analyses(args.data, dims=args.dims, variables=args.variables)
     layout = data.layout
+    if args.host.startswith("archive:"):  # no live host: consecutive leads of an archive
+        from ._common import archive_pairs
+
+        pairs, dt = archive_pairs(args.host[len("archive:") :], layout, args.archive_dims)
+        path, metrics = train_emulator(
+            None,
+            args.host,
+            data.values[: data.train_end],
+            layout,
+            args.out,
+            cfg,
+            progress=not args.no_progress,
+            pairs=pairs,
+            dt=dt,
+        )
+        print(f"emulator: one-step RMSE {metrics['one_step_rmse']:.4g} on held-out archive pairs")
+        print(f"emulator: wrote {Path(path).resolve()}")
+        return 0
     host = make_named_host(
         args.host,
         data.host_params,
@@ -67,6 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--variables", help="comma-separated fields of the state (default: all)")
     p.add_argument("--dims", help="rename the analyses' dims, e.g. valid_time=time")
+    p.add_argument(
+        "--archive-dims",
+        help="with --host archive:STORE, rename the archive's dims (time=init_time,step=lead_time)",
+    )
     p.add_argument(
         "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
     )

@@ -39,7 +39,18 @@ def run(args: argparse.Namespace) -> int:
     except (ArtifactError, HostSpecError) as err:
         raise UsageError(f"mecs finetune: {err}") from None
     shape = parent_layout.state_shape
-    if spec.kind == "torch":  # its parameters come with a benchmark's analyses
+    if spec.kind == "archive":  # no live host: only the emulator, trained on the archive
+        if cfg.mode != "emulator":
+            raise UsageError(
+                f"mecs finetune: mode '{cfg.mode}' steps the host model; '{args.host}' is a "
+                "forecast archive: give torch:NAME, python:MODULE:CALLABLE or process:COMMAND, "
+                "or use --mode emulator"
+            )
+        from correction.emulator import Emulator
+
+        host = Emulator.load(args.emulator)
+        data = load_analyses(args.data, layout=parent_layout, dims=args.dims, time_unit="hour")
+    elif spec.kind == "torch":  # its parameters come with a benchmark's analyses
         data = load_analyses(args.data, layout=parent_layout, dims=args.dims)
         host = make_named_host(args.host, data.host_params, state_shape=shape)
     else:  # a black box says its time unit, which datetime analyses are counted in
