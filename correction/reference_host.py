@@ -51,19 +51,44 @@ def l96_step(x: np.ndarray, forcing: float, dt: float) -> np.ndarray:
 GRID_MEAN = np.array([280.0, 250.0, 1.0e5]).reshape(3, 1, 1)
 
 
-def grid_tendency(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """A two-field toy on a periodic 4 x 6 grid: relaxation, zonal advection, diffusion.
+def grid_means(levels: int = 2, fields: int = 1) -> np.ndarray:
+    """Channel means of a toy with ``fields`` fields on ``levels`` levels plus a surface
+    pressure: ``fields * levels + 1`` channels, ``[C, 1, 1]``. The default is the
+    two-field toy (:data:`GRID_MEAN`): temperature on two levels and pressure."""
+    if (levels, fields) == (2, 1):
+        return GRID_MEAN
+    base = np.array([280.0, 10.0, 0.0, 0.008, 260.0])[np.arange(fields) % 5]
+    per_level = (base[:, None] - np.outer(base > 100, np.arange(levels)) * 15.0).reshape(-1)
+    return np.concatenate([per_level, [1.0e5]]).reshape(-1, 1, 1)
 
-    The state is ``[..., 3, lat, lon]``: temperature on two levels and surface
-    pressure. A small nonlinear term couples the levels. ``bias`` (one value per
-    channel) is the tendency a "truth" has and the host lacks.
+
+def grid_tendency(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """A toy on a periodic lat/lon grid: relaxation, zonal advection, diffusion.
+
+    The state is ``[..., C, lat, lon]``: the fields' levels, then surface pressure
+    (the default toy: temperature on two levels and pressure, ``C = 3``); the
+    channel means follow from ``C`` (:func:`grid_means` with one field for three
+    channels, otherwise inferred as ``fields * levels + 1``). A small nonlinear
+    term couples the first two channels. ``bias`` (one value per channel) is the
+    tendency a "truth" has and the host lacks.
     """
+    c = x.shape[-3]
+    mean = GRID_MEAN if c == 3 else _means_for(c)
     adv = -0.8 * (np.roll(x, -1, -1) - np.roll(x, 1, -1)) / 2
     lap = np.roll(x, 1, -1) + np.roll(x, -1, -1) + np.roll(x, 1, -2) + np.roll(x, -1, -2) - 4 * x
     mix = 0.05 * np.tanh((x[..., :1, :, :] - x[..., 1:2, :, :] - 30.0) / 10.0)
-    out = -(x - GRID_MEAN) / 5.0 + adv + 0.2 * lap
-    out = out + np.concatenate([mix, -mix, 0 * mix], axis=-3)
-    return out if bias is None else out + np.asarray(bias).reshape(3, 1, 1)
+    out = -(x - mean) / 5.0 + adv + 0.2 * lap
+    rest = np.zeros_like(x[..., 2:, :, :])
+    out = out + np.concatenate([mix, -mix, rest], axis=-3)
+    return out if bias is None else out + np.asarray(bias).reshape(c, 1, 1)
+
+
+_TOY_SHAPES = {13: (3, 4)}  # channels -> (levels, fields): t, u, v, q on 3 levels + ps
+
+
+def _means_for(channels: int) -> np.ndarray:
+    levels, fields = _TOY_SHAPES.get(channels, (channels - 1, 1))
+    return grid_means(levels, fields)
 
 
 def grid_step(x: np.ndarray, dt: float = 0.1) -> np.ndarray:
@@ -80,6 +105,9 @@ def l96_step_default(x: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["l96", "grid"], default="l96")
+    p.add_argument("--channels", type=int, default=3, help="grid: fields x levels + 1")
+    p.add_argument("--nlat", type=int, default=4, help="grid: latitudes")
+    p.add_argument("--nlon", type=int, default=6, help="grid: longitudes")
     p.add_argument("--K", type=int, default=36)
     p.add_argument("--F", type=float, default=10.0)
     p.add_argument("--dt", type=float, default=0.01)
@@ -94,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         {
             "protocol": PROTOCOL,
             "name": args.name,
-            "state_shape": [args.K] if args.model == "l96" else [3, 4, 6],
+            "state_shape": [args.K]
+            if args.model == "l96"
+            else [args.channels, args.nlat, args.nlon],
             "dtype": "FP64",
             "dt": args.dt,
             "time_unit": args.time_unit,

@@ -1,16 +1,17 @@
 """Bring your own model: a centre-shaped archive through the whole chain, by the command line.
 
-The archive: two fields on a periodic lat/lon grid (temperature on two pressure
-levels in K, surface pressure in Pa), 6-hourly datetime64 analyses in monthly
-netCDF files, an archive of forecasts under IFS's ``time``/``step`` names with
-leads 0-12 h from a host that lacks a constant tendency of the truth (the model
-error). The host model runs as an external process over ``mecs-step/1``
-(``correction.reference_host --model grid``). The chain: increments -> pretrain
--> emulator (process host) -> finetune ``emulator``, ``unrolled`` and ``hybrid``
-(process host) -> serve -> hindcasts through the service with the process host
--> verify against the analyses, with the archive's uncorrected forecasts as the
-reference. The corrected hindcasts must beat the archive at the longest lead for
-every field and level (area-weighted RMSE against analyses).
+The archive, in the issue's shape: five fields on a periodic 16 x 32 lat/lon grid
+(t, u, v, q on three pressure levels, surface pressure), 6-hourly datetime64
+analyses in monthly netCDF files, an archive of forecasts under IFS's
+``time``/``step`` names with leads 0-12 h from a host that lacks a constant
+tendency of the truth (the model error). The host model runs as an external
+process over ``mecs-step/1`` (``correction.reference_host --model grid``). The
+chain: increments -> pretrain -> emulator (process host) -> finetune
+``emulator``, ``unrolled`` and ``hybrid`` (process host) -> an emulator of the
+archive alone (``archive:``) -> serve -> hindcasts through the service with the
+process host -> verify against the analyses, with the archive's uncorrected
+forecasts as the reference. The corrected hindcasts must beat the archive at the
+longest lead for every field and level (area-weighted RMSE against analyses).
 """
 
 from __future__ import annotations
@@ -22,18 +23,41 @@ import numpy as np
 import xarray as xr
 
 from correction import artifacts
-from correction.reference_host import GRID_MEAN, grid_tendency
+from correction.reference_host import grid_means, grid_tendency
 from mecs.cli import main
 
-BIAS = np.array([0.4, -0.3, 40.0])  # per toy time unit: the tendency the host lacks
-HOST = f"process:{sys.executable} -m correction.reference_host --model grid --dt 3 --time-unit hour"
+FIELDS = ("t", "u", "v", "q")  # on LEVELS, then "ps"
+LEVELS = (850.0, 500.0, 250.0)
+UNITS = {"t": "K", "u": "m s-1", "v": "m s-1", "q": "kg kg-1", "ps": "Pa"}
+NLAT, NLON = 16, 32
+SPREAD = np.repeat([5.0, 5.0, 5.0, 0.002], 3).tolist() + [500.0]  # per channel
+BIAS = np.repeat([0.4, 0.2, -0.2, 1e-4], 3).tolist() + [40.0]  # per toy time unit
+HOST = (
+    f"process:{sys.executable} -m correction.reference_host --model grid --channels 13 "
+    f"--nlat {NLAT} --nlon {NLON} --dt 3 --time-unit hour"
+)
 STEPS_PER_6H = 2  # the toy's step (0.1 of its own time) stands for 3 hours
+
+
+def _dataset(values, time_dims, coords):
+    """Channels ``[..., 13, lat, lon]`` -> the five fields, levels first."""
+    out = {}
+    for i, f in enumerate(FIELDS):
+        part = values[..., 3 * i : 3 * i + 3, :, :].astype(np.float32)
+        out[f] = ((*time_dims, "lev", "lat", "lon"), part, {"units": UNITS[f]})
+    out["ps"] = (
+        (*time_dims, "lat", "lon"),
+        values[..., 12, :, :].astype(np.float32),
+        {"units": "Pa"},
+    )
+    return xr.Dataset(out, coords=coords)
 
 
 def _archive(tmp_path, n=360, seed=0):
     rng = np.random.default_rng(seed)
-    spread = np.array([5.0, 5.0, 500.0]).reshape(3, 1, 1)
-    x = GRID_MEAN + spread * rng.standard_normal((3, 4, 6))
+    spread = np.array(SPREAD).reshape(-1, 1, 1)
+    mean = grid_means(3, 4)
+    x = mean + spread * rng.standard_normal((13, NLAT, NLON))
     truth = []
     for _ in range(n):
         for _ in range(STEPS_PER_6H):
@@ -43,22 +67,16 @@ def _archive(tmp_path, n=360, seed=0):
     ana = truth + 0.01 * spread * rng.standard_normal(truth.shape)
     times = np.datetime64("2023-01-01T00", "ns") + np.arange(n) * np.timedelta64(6, "h")
     coords = {
-        "lev": ("lev", [850.0, 500.0], {"units": "hPa", "positive": "down"}),
-        "lat": ("lat", np.linspace(-60, 60, 4), {"units": "degrees_north"}),
-        "lon": ("lon", np.linspace(0, 300, 6), {"units": "degrees_east"}),
+        "lev": ("lev", list(LEVELS), {"units": "hPa", "positive": "down"}),
+        "lat": ("lat", np.linspace(-78.75, 78.75, NLAT), {"units": "degrees_north"}),
+        "lon": ("lon", np.arange(NLON) * 11.25, {"units": "degrees_east"}),
     }
-    an = xr.Dataset(
-        {
-            "T": (("time", "lev", "lat", "lon"), ana[:, :2].astype(np.float32), {"units": "K"}),
-            "ps": (("time", "lat", "lon"), ana[:, 2].astype(np.float32), {"units": "Pa"}),
-        },
-        coords={"time": times, **coords},
-    )
+    an = _dataset(ana, ("time",), {"time": times, **coords})
     for month, part in an.groupby("time.month"):
         part.to_netcdf(tmp_path / f"an_2023{month:02d}.nc")
     # the archive: the host (no bias) from every second analysis, leads 0, 6, 12 h
     inits = np.arange(0, n - 2, 2)
-    fc = np.empty((len(inits), 3, 3, 4, 6))
+    fc = np.empty((len(inits), 3, 13, NLAT, NLON))
     for j, i in enumerate(inits):
         y = ana[i].copy()
         fc[j, 0] = y
@@ -66,21 +84,8 @@ def _archive(tmp_path, n=360, seed=0):
             for _ in range(STEPS_PER_6H):
                 y = y + 0.1 * grid_tendency(y)
             fc[j, k] = y
-    arch = xr.Dataset(
-        {
-            "T": (
-                ("time", "step", "lev", "lat", "lon"),
-                fc[:, :, :2].astype(np.float32),
-                {"units": "K"},
-            ),
-            "ps": (("time", "step", "lat", "lon"), fc[:, :, 2].astype(np.float32), {"units": "Pa"}),
-        },
-        coords={
-            "time": times[inits],
-            "step": np.array([0, 6, 12]) * np.timedelta64(1, "h").astype("timedelta64[ns]"),
-            **coords,
-        },
-    )
+    steps = np.array([0, 6, 12]) * np.timedelta64(1, "h").astype("timedelta64[ns]")
+    arch = _dataset(fc, ("time", "step"), {"time": times[inits], "step": steps, **coords})
     arch.to_netcdf(tmp_path / "fc_archive.nc")
     return times
 
@@ -149,7 +154,7 @@ def test_the_whole_chain_on_a_centre_shaped_archive(tmp_path, capsys, start_serv
         capsys,
     )
     v1 = artifacts.read_config(repo / "centre" / "1")
-    assert v1["time"]["unit"] == "hour" and v1["layout"]["fields"] == ["T", "ps"]
+    assert v1["time"]["unit"] == "hour" and v1["layout"]["fields"] == [*FIELDS, "ps"]
     emu = tmp_path / "emulator"
     emu_cfg = tmp_path / "emulator.json"
     emu_cfg.write_text(
@@ -315,12 +320,13 @@ def test_the_whole_chain_on_a_centre_shaped_archive(tmp_path, capsys, start_serv
     print(out)
     metrics = json.loads((tmp_path / "verify" / "metrics.json").read_text())
     assert metrics["weighting"] == "cos(latitude)"
-    for f in ("T", "ps"):
-        entry = metrics["fields"][f]
-        ratio = np.atleast_1d(np.array(entry["rmse_vs_reference"][-1], float))
+    assert metrics["schema"] == "mecs-evaluation/1" and metrics["kind"] == "analyses"
+    for f in (*FIELDS, "ps"):
+        entry = metrics["forecasts"]["forecast"]["fields"][f]
+        ratio = np.atleast_1d(np.array(metrics["rmse_vs_reference"][f][-1], float))
         for j, level in enumerate(entry["levels"] or ["surface"]):
             rmse = np.atleast_1d(entry["rmse"][-1])[j]
-            ref = np.atleast_1d(entry["reference_rmse"][-1])[j]
+            ref = np.atleast_1d(metrics["forecasts"]["reference"]["fields"][f]["rmse"][-1])[j]
             print(
                 f"table: {f} {level} 12h corrected {rmse:.4g} archive {ref:.4g} "
                 f"ratio {ratio[j]:.3f}"

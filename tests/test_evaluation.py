@@ -80,6 +80,9 @@ def test_evaluate_on_tiny_benchmark(tiny_synth, tmp_path):
     assert f["poly3"]["rmse_at"]["1.0"] < f["none"]["rmse_at"]["1.0"]
     assert f["none"]["gap_closed"] == 0.0 and f["limit"]["gap_closed"] == 1.0
     assert metrics["free_run"]["poly3"]["bounded"]
+    # the schema mecs verify writes too: kind, and per-field scores by lead
+    assert metrics["schema"] == "mecs-evaluation/1" and metrics["kind"] == "truth"
+    assert f["none"]["fields"]["X"]["rmse"] == list(f["none"]["rmse"])
     names = sorted(p.name for p in write_plots(metrics, tmp_path / "plots"))
     assert names == ["climate_pdf.png", "hovmoller.png", "rmse_vs_lead.png"]
     assert all((tmp_path / "plots" / n).stat().st_size > 5000 for n in names)

@@ -110,8 +110,12 @@ def test_mecs_verify_on_monthly_files(archive, tmp_path, capsys):
     assert code == 0, printed
     assert "of the reference" in printed
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["fields"]["T"]["rmse_vs_reference"][-1][0] < 0.01
-    assert metrics["fields"]["q"]["rmse_vs_reference"][-1][0] is None  # 0 / 0, strict JSON
+    # the schema mecs evaluate writes, kind "analyses"
+    assert metrics["schema"] == "mecs-evaluation/1" and metrics["kind"] == "analyses"
+    assert metrics["lead_times"] == ["0h", "6h", "12h"]
+    assert set(metrics["forecasts"]) == {"forecast", "reference"}
+    assert metrics["rmse_vs_reference"]["T"][-1][0] < 0.01
+    assert metrics["rmse_vs_reference"]["q"][-1][0] is None  # 0 / 0, strict JSON
     assert (tmp_path / "out" / "rmse_T.png").stat().st_size > 1000
     code = main(
         [

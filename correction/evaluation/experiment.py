@@ -189,8 +189,11 @@ def evaluate(
             (forecasts[label]["valid_time"] - none_vt) / gap if gap > 0 else float("nan")
         )
 
+    for f in forecasts.values():  # the shared per-field form (see verification.py)
+        f["fields"] = {"X": {"units": "1", "levels": None, "rmse": list(f["rmse"])}}
     metrics: dict[str, Any] = {
         "schema": "mecs-evaluation/1",
+        "kind": "truth",
         "n_inits": int(len(idx)),
         "init_times": bench.times[idx].tolist(),
         "lead_times": leads.tolist(),

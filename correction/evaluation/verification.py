@@ -113,6 +113,8 @@ def verify(
         )
     lat = latitude_of(analyses)
     out: dict[str, Any] = {
+        "n_inits": int(forecasts.sizes[INIT]),
+        "init_times": [str(v) for v in forecasts[INIT].values],
         "weighting": "cos(latitude)" if lat is not None else "none",
         "climatology": {"analyses": int(clim_ana.sizes[TIME]), "end": str(end)},
         "leads": [_lead_label(v) for v in forecasts[LEAD].values],
@@ -145,6 +147,36 @@ def verify(
             entry["reference_rmse"] = _as_lists(ref["rmse"], levels)
             entry["rmse_vs_reference"] = _as_lists(scores["rmse"] / ref["rmse"], levels)
         out["fields"][f] = entry
+    return out
+
+
+def as_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """:func:`verify`'s result in the schema ``mecs evaluate`` writes (``mecs-evaluation/1``).
+
+    Both files have ``schema``, ``kind`` (``truth`` or ``analyses``), ``n_inits``,
+    ``init_times``, ``lead_times`` and ``forecasts[label]["fields"][field]`` with
+    ``units``, ``levels`` and ``rmse`` (``[lead]`` or ``[lead][level]``); scores
+    against analyses add ``bias`` and ``acc``, and ``rmse_vs_reference`` per field.
+    """
+    forecast, reference, ratio = {}, {}, {}
+    for f, e in result["fields"].items():
+        forecast[f] = {k: e[k] for k in ("units", "levels", "rmse", "bias", "acc")}
+        if "reference_rmse" in e:
+            reference[f] = {"units": e["units"], "levels": e["levels"], "rmse": e["reference_rmse"]}
+            ratio[f] = e["rmse_vs_reference"]
+    out = {
+        "schema": "mecs-evaluation/1",
+        "kind": "analyses",
+        "n_inits": result["n_inits"],
+        "init_times": result["init_times"],
+        "lead_times": result["leads"],
+        "weighting": result["weighting"],
+        "climatology": result["climatology"],
+        "forecasts": {"forecast": {"fields": forecast}},
+    }
+    if reference:
+        out["forecasts"]["reference"] = {"fields": reference}
+        out["rmse_vs_reference"] = ratio
     return out
 
 

@@ -13,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from correction.evaluation import clean_for_json
-    from correction.evaluation.verification import VerificationError, verify
+    from correction.evaluation.verification import VerificationError, as_metrics, verify
     from data_pipeline.increments import InputError, open_input
     from data_pipeline.increments.base import INIT, TIME
     from data_pipeline.increments.inputs import parse_renames
@@ -36,11 +36,15 @@ def run(args: argparse.Namespace) -> int:
         result = verify(fc, ana, fields=fields, reference=ref, climatology_end=end)
     except (InputError, VerificationError, ValueError) as err:
         raise UsageError(f"mecs verify: {' '.join(str(err).split())}") from None
-    result["forecasts"] = str(args.forecasts)
-    result["reference"] = str(args.reference) if args.reference else None
+    doc = as_metrics(result)  # the schema mecs evaluate writes, kind "analyses"
+    doc["sources"] = {
+        "analyses": str(args.analyses),
+        "forecast": str(args.forecasts),
+        "reference": str(args.reference) if args.reference else None,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(clean_for_json(result), indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(clean_for_json(doc), indent=1) + "\n")
     plots = _plots(result, out)
     longest = result["leads"][-1]
     for f, entry in result["fields"].items():
