@@ -96,12 +96,28 @@ def test_process_host_start_up_faults():
         ProcessHost(f"{sys.executable} -c 'print(\"hello there\")'")
 
 
-@pytest.mark.parametrize("fault", [None, "--crash-at 4"])
-def test_finetune_unrolled_through_a_process_host(tiny_synth, l96_repository, capsys, fault):
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (None, None),
+        ("--crash-at 4", "exited before sending its answer at step 4"),
+        ("--hang-at 4", "did not answer within 2 s"),
+        ("--nan-at 4", "answered NaN or Inf"),
+        ("--wrong-shape-at 4", ", 35] FP64 for a state of shape"),
+    ],
+)
+def test_finetune_unrolled_through_a_process_host(
+    tiny_synth, l96_repository, tmp_path, capsys, fault, message
+):
+    """The host from the settings file; a failing host publishes nothing, within the timeout."""
+    import json
+
     from correction import artifacts
     from mecs.cli import main
 
     spec = f"process:{REFERENCE}" + (f" {fault}" if fault else "")
+    config = tmp_path / "finetune.json"
+    config.write_text(json.dumps({"host": spec, "host_timeout": 2, "iterations": 3}))
     args = [
         "finetune",
         "--mode",
@@ -112,16 +128,15 @@ def test_finetune_unrolled_through_a_process_host(tiny_synth, l96_repository, ca
         "l96",
         "--data",
         str(tiny_synth),
-        "--host",
-        spec,
-        "--iterations",
-        "3",
+        "--config",
+        str(config),
         "--unroll",
         "2",
         "--batch-size",
         "4",
         "--no-progress",
     ]
+    t0 = time.monotonic()
     code = main(args)
     err = capsys.readouterr().err.strip()
     if fault is None:
@@ -131,6 +146,7 @@ def test_finetune_unrolled_through_a_process_host(tiny_synth, l96_repository, ca
         assert config["training"]["host_spec"] == spec
         assert config["training"]["host"] == "l96-reference"
     else:
-        assert code == 1 and "exited before sending its answer at step 4" in err, err
+        assert code == 1 and message in err and "\n" not in err, err
+        assert time.monotonic() - t0 < 30
         assert artifacts.list_versions(l96_repository, "l96") == [1]  # nothing published
         assert [p.name for p in (l96_repository / "l96").iterdir() if p.name.startswith(".")] == []

@@ -169,11 +169,24 @@ def layout_of(ds: Any, fields: list[str]):
     )
 
 
+#: command options a stage's settings file may also give (``host = "process:./model"``)
+FILE_OPTIONS = ("host", "host_dt", "host_timeout", "dims", "archive_dims", "variables")
+
+
 def settings_with_flags(args: Any, flags: tuple[str, ...]) -> dict[str, Any]:
-    """Settings from ``--config`` (JSON/TOML), overridden by the flags that were given."""
+    """Settings from ``--config`` (JSON/TOML), overridden by the flags that were given.
+
+    The file may also hold the command's host options (:data:`FILE_OPTIONS`); they
+    apply where the command line left them unset, and are not stage settings.
+    """
     from data_pipeline.config import read_settings_file
 
     settings = read_settings_file(args.config) if args.config else {}
+    for key in FILE_OPTIONS:
+        if key in settings:
+            value = settings.pop(key)
+            if hasattr(args, key) and getattr(args, key) is None:
+                setattr(args, key, value)
     settings.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
     return settings
 
@@ -189,7 +202,7 @@ def make_named_host(
     params: dict[str, Any],
     state_shape: tuple[int, ...] | None = None,
     dt: float | None = None,
-    timeout_s: float = 60.0,
+    timeout_s: float | None = 60.0,
 ):
     """The host a ``--host`` spec names; ``params`` (from a benchmark) go to torch hosts only."""
     from correction.hosts.process import HostProcessError
@@ -202,7 +215,7 @@ def make_named_host(
             params if parsed.kind == "torch" else None,
             state_shape=state_shape,
             dt=dt,
-            timeout_s=timeout_s,
+            timeout_s=60.0 if timeout_s is None else float(timeout_s),
         )
     except (HostSpecError, HostProcessError, TypeError, ValueError) as err:
         raise UsageError(f"host '{spec}': {err}") from None

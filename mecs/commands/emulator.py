@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = EmulatorConfig.from_dict(settings_with_flags(args, ("seed", "epochs")))
     except (ConfigError, ValueError) as err:
         raise UsageError(f"mecs emulator: {err}") from None
+    if not args.host:
+        raise UsageError('mecs emulator: give --host SPEC (or host = "..." in --config)')
     if Path(args.out).exists():
         raise UsageError(f"mecs emulator: output {args.out} exists; choose a new path")
     data = load_analyses(args.data, dims=args.dims, variables=args.variables)
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("emulator", help="train a neural emulator of the host model")
-    p.add_argument("--host", required=True, help=HOST_HELP)
+    p.add_argument("--host", default=None, help=HOST_HELP + " (or 'host' in --config)")
     p.add_argument(
         "--data", required=True, help="mecs synth directory, or an analyses store or glob"
     )
@@ -95,8 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host-timeout",
         type=float,
-        default=60.0,
-        help="seconds a process: host may take per step before it is killed",
+        default=None,
+        help="seconds a process: host may take per step before it is killed (default 60)",
     )
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--config", help="JSON or TOML file of emulator settings")

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         resolve(args.repository, args.name, args.from_version)
     except (ConfigError, ValueError, ArtifactError) as err:
         raise UsageError(f"mecs finetune: {err}") from None
+    args.host = args.host or "l96"
     if cfg.mode in NEEDS_EMULATOR and not args.emulator:
         raise UsageError(f"mecs finetune: mode '{cfg.mode}' needs --emulator PATH")
     from correction.hosts.specs import HostSpecError, parse_host_spec
@@ -125,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--emulator", help="emulator artifact (from mecs emulator)")
     p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
-    p.add_argument("--host", default="l96", help=HOST_HELP + " (default l96)")
+    p.add_argument("--host", default=None, help=HOST_HELP + " (default l96)")
     p.add_argument("--dims", help="rename the analyses' dims, e.g. valid_time=time")
     p.add_argument(
         "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
@@ -133,8 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host-timeout",
         type=float,
-        default=60.0,
-        help="seconds a process: host may take per step before it is killed",
+        default=None,
+        help="seconds a process: host may take per step before it is killed (default 60)",
     )
     p.add_argument("--unroll", type=int, default=None, help="analysis intervals per window")
     p.add_argument("--curriculum", help="unroll lengths in turn, e.g. 1,4,10")

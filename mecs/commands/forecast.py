@@ -290,8 +290,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host-timeout",
         type=float,
-        default=60.0,
-        help="seconds a process: host may take per step before it is killed",
+        default=None,
+        help="seconds a process: host may take per step before it is killed (default 60)",
     )
     p.add_argument(
         "--host-param",
