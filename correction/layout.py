@@ -104,6 +104,21 @@ class ModelLayout:
             return self.field_dims[self.fields[0]]
         return ("channel", *self.horizontal_dims)
 
+    def channel_names(self) -> list[str]:
+        """What each packed channel is, in order: ``T[lev=0]``, ``T[lev=1]``, ``ps``."""
+        import itertools
+
+        names = []
+        for f in self.fields:
+            dims = self.level_dims[f]
+            if not dims:
+                names.append(f)
+                continue
+            for idx in itertools.product(*(range(self.sizes[d]) for d in dims)):
+                inner = ",".join(f"{d}={i}" for d, i in zip(dims, idx, strict=True))
+                names.append(f"{f}[{inner}]")
+        return names
+
     def check_state(self, x: torch.Tensor | np.ndarray) -> None:
         """Reject arrays whose trailing dims are not ``state_shape``."""
         shape = tuple(x.shape)

@@ -20,10 +20,13 @@ message carries a tensor, by that tensor's raw little-endian bytes in C order:
 
 2. **step** (mecs -> host)::
 
-       {"op": "step", "id": 7, "steps": 1, "shape": [4, 36], "datatype": "FP64"}
+       {"op": "step", "id": 7, "steps": 1, "shape": [4, 36], "datatype": "FP64",
+        "fields": ["X[k=0]", ...]}
        <4 * 36 * 8 bytes>
 
-   advance each of the 4 states by ``steps`` host steps. The host answers::
+   advance each of the 4 states by ``steps`` host steps. ``fields``, when mecs
+   knows the layout, names each channel (field and level) in order; a host may
+   check it against its own and otherwise ignore it. The host answers::
 
        {"id": 7, "shape": [4, 36], "datatype": "FP64"}
        <4 * 36 * 8 bytes>

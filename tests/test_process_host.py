@@ -150,3 +150,27 @@ def test_finetune_unrolled_through_a_process_host(
         assert time.monotonic() - t0 < 30
         assert artifacts.list_versions(l96_repository, "l96") == [1]  # nothing published
         assert [p.name for p in (l96_repository / "l96").iterdir() if p.name.startswith(".")] == []
+
+
+def test_step_requests_name_the_channels(tmp_path):
+    """``fields`` travels with every step; a host can check the order it is given."""
+    script = tmp_path / "echo_host.py"
+    script.write_text(
+        "import sys, json\n"
+        "from correction.stepproto import *\n"
+        "write_message(sys.stdout.buffer, {'protocol': PROTOCOL, 'state_shape': [2], 'dt': 1})\n"
+        "line = sys.stdin.buffer.readline()\n"
+        "h = parse_header(line, 'req')\n"
+        "x = read_tensor(sys.stdin.buffer, *tensor_spec(h, 'req'))\n"
+        "ok = h.get('fields') == ['a', 'b']\n"
+        "msg = {'id': h['id'], 'shape': h['shape'], 'datatype': h['datatype']} if ok else "
+        "{'id': h['id'], 'error': 'channels ' + str(h.get('fields'))}\n"
+        "write_message(sys.stdout.buffer, msg, x if ok else None)\n"
+    )
+    with ProcessHost([sys.executable, str(script)], fields=["a", "b"]) as host:
+        np.testing.assert_array_equal(host.step(np.ones((1, 2))), 1.0)
+    with (
+        ProcessHost([sys.executable, str(script)], fields=["b", "a"]) as host,
+        pytest.raises(HostProcessError, match="refused the step: channels"),
+    ):
+        host.step(np.ones((1, 2)))

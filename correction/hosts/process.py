@@ -54,6 +54,7 @@ class ProcessHost(BlackBoxHost):
         timeout_s: float = 60.0,
         state_shape: tuple[int, ...] | None = None,
         env: dict[str, str] | None = None,
+        fields: list[str] | None = None,
     ) -> None:
         self.argv = shlex.split(command) if isinstance(command, str) else list(command)
         if not self.argv:
@@ -61,6 +62,8 @@ class ProcessHost(BlackBoxHost):
         self.command = " ".join(self.argv)
         self.timeout_s = float(timeout_s)
         self.env = env
+        # what each channel of the state is (``T[lev=0]``, ..., ``ps``), sent with every step
+        self.fields = list(fields) if fields else None
         self.proc: subprocess.Popen | None = None
         self.steps = 0
         self._stderr: collections.deque[str] = collections.deque(maxlen=20)
@@ -177,6 +180,8 @@ class ProcessHost(BlackBoxHost):
             "shape": list(x.shape),
             "datatype": "FP64" if self.dtype == np.float64 else "FP32",
         }
+        if self.fields:
+            request["fields"] = self.fields
         try:
             write_message(self.proc.stdin, request, x)
         except (BrokenPipeError, OSError):

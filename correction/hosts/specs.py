@@ -77,12 +77,14 @@ def make_host_from_spec(
     state_shape: tuple[int, ...] | None = None,
     dt: float | None = None,
     timeout_s: float = 60.0,
+    fields: list[str] | None = None,
 ) -> HostModel:
     """Build the host a spec names.
 
     ``params`` go to a torch host's constructor; ``state_shape`` (from the
     correction model) is checked against what the host says; ``dt`` is required
-    for ``python:`` hosts (a callable cannot say its own time step).
+    for ``python:`` hosts (a callable cannot say its own time step); ``fields`` (the
+    layout's channel names) is sent to a ``process:`` host with every step.
     """
     from . import make_host
     from .process import ProcessHost
@@ -119,7 +121,7 @@ def make_host_from_spec(
             )
         return BlackBoxHost(fn, tuple(state_shape), float(dt), name=str(s))
     if s.kind == "process":
-        return ProcessHost(s.target, timeout_s=timeout_s, state_shape=state_shape)
+        return ProcessHost(s.target, timeout_s=timeout_s, state_shape=state_shape, fields=fields)
     raise HostSpecError(
         f"host {s} is a forecast archive, not a live model: this stage steps the host, "
         "so give torch:NAME, python:MODULE:CALLABLE or process:COMMAND"

@@ -203,6 +203,7 @@ def make_named_host(
     state_shape: tuple[int, ...] | None = None,
     dt: float | None = None,
     timeout_s: float | None = 60.0,
+    fields: list[str] | None = None,
 ):
     """The host a ``--host`` spec names; ``params`` (from a benchmark) go to torch hosts only."""
     from correction.hosts.process import HostProcessError
@@ -216,6 +217,7 @@ def make_named_host(
             state_shape=state_shape,
             dt=dt,
             timeout_s=60.0 if timeout_s is None else float(timeout_s),
+            fields=fields,
         )
     except (HostSpecError, HostProcessError, TypeError, ValueError) as err:
         raise UsageError(f"host '{spec}': {err}") from None

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         state_shape=layout.state_shape,
         dt=args.host_dt,
         timeout_s=args.host_timeout,
+        fields=layout.channel_names(),
     )
     try:
         path, metrics = train_emulator(

@@ -56,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
         host = make_named_host(args.host, data.host_params, state_shape=shape)
     else:  # a black box says its time unit, which datetime analyses are counted in
         host = make_named_host(
-            args.host, {}, state_shape=shape, dt=args.host_dt, timeout_s=args.host_timeout
+            args.host,
+            {},
+            state_shape=shape,
+            dt=args.host_dt,
+            timeout_s=args.host_timeout,
+            fields=parent_layout.channel_names(),
         )
         try:
             data = load_analyses(

@@ -64,23 +64,6 @@ async def _metadata(request: Request, name: str, version: str | None) -> dict:
     return render_metadata(model, await repo.versions(name))
 
 
-def _channel_names(layout) -> list[str]:
-    """``T[lev=850]``, ``T[lev=500]``, ``ps``: what each channel of the state is."""
-    import itertools
-
-    names = []
-    for f in layout.fields:
-        dims = layout.level_dims[f]
-        if not dims:
-            names.append(f)
-            continue
-        for idx in itertools.product(*(range(layout.sizes[d]) for d in dims)):
-            names.append(
-                f"{f}[" + ",".join(f"{d}={i}" for d, i in zip(dims, idx, strict=True)) + "]"
-            )
-    return names
-
-
 def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     """Open Inference Protocol model metadata, plus the model's variables and provenance."""
     layout = model.corrector.layout
@@ -102,7 +85,7 @@ def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
             "dims": ["batch", *layout.state_dims],
             # the packing, explicit: channels are the fields' levels in this order
             "layout": layout.to_dict(),
-            "channels": _channel_names(layout),
+            "channels": layout.channel_names(),
             "variables": [
                 {
                     "name": f,
