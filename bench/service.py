@@ -303,6 +303,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     parser.add_argument("--tree", default=str(ROOT), help="checkout whose code is measured")
     parser.add_argument(
+        "--callers-only",
+        action="store_true",
+        help="only the 40-caller figures (a quick old/new comparison of throughput)",
+    )
+    parser.add_argument(
         "--single-only",
         action="store_true",
         help="only the single-call and 40-member figures (a quick old/new comparison)",
@@ -339,95 +344,101 @@ def main() -> None:
         big = rng.normal(2.5, 3.6, (BIG_ROWS, 36)).astype(np.float32)
 
         stdlib = "transport" in inspect.signature(CorrectionClient).parameters
-        with contextlib.ExitStack() as clients:
-            # JSON bodies are limited (4 MiB by default); the 4 MB state's JSON figure
-            # needs a larger limit
-            server = clients.enter_context(Server(repo, max_json_body_bytes=64 << 20))
-            c = clients.enter_context(CorrectionClient(server.url, "l96", timeout=120))
-            # 1. one call; interleaved blocks, so that every figure sees the same machine
-            runtime = build_runtime(corr.model, (1, 36), "onnxruntime")
-            packed = x1.reshape(1, 1, 36)
-            fns = {
-                "in_process": lambda: corr(x1),
-                "in_process_runtime": lambda: runtime(packed),
-                "http_floor_health_live": c.live,
-                "http_binary": lambda: c.infer(x1),
-            }
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            client_cpu = 0.0
-            for block in range(10):
-                for k, fn in fns.items():
-                    cpu = time.process_time()
-                    times[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
-                    if k == "http_binary":  # this process's CPU (user + kernel) per call
-                        client_cpu += time.process_time() - cpu
-            results["single_call"] = {k: summary(v) for k, v in times.items()}
-            results["single_call"]["runtime"] = runtime.name
-            n_http = len(times["http_binary"]) + 200 + 9 * 20
-            results["single_call"]["client_cpu_us_per_call"] = round(client_cpu / n_http * 1e6, 1)
-            print("single call", json.dumps(results["single_call"]), flush=True)
-            # 1b. the client's transports side by side, after the main figures (so the
-            # second connection is not open while those are measured)
-            if stdlib:
-                c_std = clients.enter_context(
-                    CorrectionClient(server.url, "l96", timeout=120, transport="http.client")
-                )
-                pair = {"socket": lambda: c.infer(x1), "http.client": lambda: c_std.infer(x1)}
-                tt: dict[str, list[float]] = {k: [] for k in pair}
+        if not args.callers_only:  # --callers-only: the 40-caller figures alone
+            with contextlib.ExitStack() as clients:
+                # JSON bodies are limited (4 MiB by default); the 4 MB state's JSON figure
+                # needs a larger limit
+                server = clients.enter_context(Server(repo, max_json_body_bytes=64 << 20))
+                c = clients.enter_context(CorrectionClient(server.url, "l96", timeout=120))
+                # 1. one call; interleaved blocks, so that every figure sees the same machine
+                runtime = build_runtime(corr.model, (1, 36), "onnxruntime")
+                packed = x1.reshape(1, 1, 36)
+                fns = {
+                    "in_process": lambda: corr(x1),
+                    "in_process_runtime": lambda: runtime(packed),
+                    "http_floor_health_live": c.live,
+                    "http_binary": lambda: c.infer(x1),
+                }
+                times: dict[str, list[float]] = {k: [] for k in fns}
+                client_cpu = 0.0
                 for block in range(10):
-                    for k, fn in pair.items():
-                        tt[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
-                results["client_transports"] = {k: summary(v) for k, v in tt.items()}
-                print("transports", json.dumps(results["client_transports"]), flush=True)
-            # 3. 40 members in one request per step
-            n_steps = 0
-            t_end = time.perf_counter() + args.duration
-            lat = []
-            while time.perf_counter() < t_end:
-                t = time.perf_counter()
-                c.infer(members)
-                lat.append(time.perf_counter() - t)
-                n_steps += 1
-            results["one_request_40_members"] = {
-                "requests_per_s": round(n_steps / args.duration, 1),
-                "member_steps_per_s": round(MEMBERS * n_steps / args.duration, 1),
-                "latency": summary(lat),
-                "in_process_40": summary(timed(lambda: corr(members), 500, 50)),
-            }
-            print("one request", json.dumps(results["one_request_40_members"]), flush=True)
-            if not args.single_only:  # --single-only: bench/compare.py's quick comparison
-                # 4. a 4 MB state, binary and JSON
-                fwd = timed(lambda: corr(big), args.big_reps, 1)
-                rows = {}
-                for binary, reps in ((True, args.big_reps), (False, max(2, args.big_reps // 2))):
-                    rtt, server_fwd, overhead = [], [], []
-                    for i in range(reps + 1):
-                        t = time.perf_counter()
-                        res = c.infer(big, binary=binary)
-                        elapsed = time.perf_counter() - t
-                        if i:  # the first call warms up
-                            f = res.server_timing_ms["forward"] / 1e3
-                            rtt.append(elapsed)
-                            server_fwd.append(f)
-                            overhead.append(elapsed - f)
-                    rows["binary" if binary else "json"] = {
-                        "round_trip_ms": round(float(np.median(rtt)) * 1e3, 1),
-                        "server_forward_ms": round(float(np.median(server_fwd)) * 1e3, 1),
-                        "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 1),
-                        "reps": reps,
-                    }
-                rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
-                rows["state_bytes"] = int(big.nbytes)
-                rows["json_over_binary_round_trip"] = round(
-                    rows["json"]["round_trip_ms"] / rows["binary"]["round_trip_ms"], 1
+                    for k, fn in fns.items():
+                        cpu = time.process_time()
+                        times[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
+                        if k == "http_binary":  # this process's CPU (user + kernel) per call
+                            client_cpu += time.process_time() - cpu
+                results["single_call"] = {k: summary(v) for k, v in times.items()}
+                results["single_call"]["runtime"] = runtime.name
+                n_http = len(times["http_binary"]) + 200 + 9 * 20
+                results["single_call"]["client_cpu_us_per_call"] = round(
+                    client_cpu / n_http * 1e6, 1
                 )
-                rows["json_over_binary_transport"] = round(
-                    rows["json"]["transport_overhead_ms"]
-                    / max(rows["binary"]["transport_overhead_ms"], 0.1),
-                    1,
-                )
-                results["state_4mb"] = rows
-                print("4 MB", json.dumps(rows), flush=True)
+                print("single call", json.dumps(results["single_call"]), flush=True)
+                # 1b. the client's transports side by side, after the main figures (so the
+                # second connection is not open while those are measured)
+                if stdlib:
+                    c_std = clients.enter_context(
+                        CorrectionClient(server.url, "l96", timeout=120, transport="http.client")
+                    )
+                    pair = {"socket": lambda: c.infer(x1), "http.client": lambda: c_std.infer(x1)}
+                    tt: dict[str, list[float]] = {k: [] for k in pair}
+                    for block in range(10):
+                        for k, fn in pair.items():
+                            tt[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
+                    results["client_transports"] = {k: summary(v) for k, v in tt.items()}
+                    print("transports", json.dumps(results["client_transports"]), flush=True)
+                # 3. 40 members in one request per step
+                n_steps = 0
+                t_end = time.perf_counter() + args.duration
+                lat = []
+                while time.perf_counter() < t_end:
+                    t = time.perf_counter()
+                    c.infer(members)
+                    lat.append(time.perf_counter() - t)
+                    n_steps += 1
+                results["one_request_40_members"] = {
+                    "requests_per_s": round(n_steps / args.duration, 1),
+                    "member_steps_per_s": round(MEMBERS * n_steps / args.duration, 1),
+                    "latency": summary(lat),
+                    "in_process_40": summary(timed(lambda: corr(members), 500, 50)),
+                }
+                print("one request", json.dumps(results["one_request_40_members"]), flush=True)
+                if not args.single_only:  # --single-only: bench/compare.py's quick comparison
+                    # 4. a 4 MB state, binary and JSON
+                    fwd = timed(lambda: corr(big), args.big_reps, 1)
+                    rows = {}
+                    for binary, reps in (
+                        (True, args.big_reps),
+                        (False, max(2, args.big_reps // 2)),
+                    ):
+                        rtt, server_fwd, overhead = [], [], []
+                        for i in range(reps + 1):
+                            t = time.perf_counter()
+                            res = c.infer(big, binary=binary)
+                            elapsed = time.perf_counter() - t
+                            if i:  # the first call warms up
+                                f = res.server_timing_ms["forward"] / 1e3
+                                rtt.append(elapsed)
+                                server_fwd.append(f)
+                                overhead.append(elapsed - f)
+                        rows["binary" if binary else "json"] = {
+                            "round_trip_ms": round(float(np.median(rtt)) * 1e3, 1),
+                            "server_forward_ms": round(float(np.median(server_fwd)) * 1e3, 1),
+                            "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 1),
+                            "reps": reps,
+                        }
+                    rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
+                    rows["state_bytes"] = int(big.nbytes)
+                    rows["json_over_binary_round_trip"] = round(
+                        rows["json"]["round_trip_ms"] / rows["binary"]["round_trip_ms"], 1
+                    )
+                    rows["json_over_binary_transport"] = round(
+                        rows["json"]["transport_overhead_ms"]
+                        / max(rows["binary"]["transport_overhead_ms"], 0.1),
+                        1,
+                    )
+                    results["state_4mb"] = rows
+                    print("4 MB", json.dumps(rows), flush=True)
         if not args.single_only:
             # 2. 40 independent callers, micro-batching on and off, for both runtimes: the
             # four servers run at once and the same callers take turns on them
@@ -452,14 +463,15 @@ def main() -> None:
                 results[f"callers_40_{k}"] = v
                 print(f"callers_40_{k}", json.dumps(v), flush=True)
             # 5. floors: bare uvicorn echo of the same bytes
-            sizes = {
-                "small_call": len(encode_infer_request({"state": x1})[0]),
-                "state_4mb": BIG_ROWS * 36 * 4,
-            }
-            results["floor_bare_echo"] = echo_floor(sizes, args.calls, args.big_reps)
-            print("floor", json.dumps(results["floor_bare_echo"]), flush=True)
+            if not args.callers_only:
+                sizes = {
+                    "small_call": len(encode_infer_request({"state": x1})[0]),
+                    "state_4mb": BIG_ROWS * 36 * 4,
+                }
+                results["floor_bare_echo"] = echo_floor(sizes, args.calls, args.big_reps)
+                print("floor", json.dumps(results["floor_bare_echo"]), flush=True)
 
-    if not args.single_only:
+    if not (args.single_only or args.callers_only):
         single = results["single_call"]["http_binary"]
         unbatched = results["callers_40_unbatched"]["requests_per_s"]
         results["ratios"] = {
@@ -509,7 +521,7 @@ def main() -> None:
             "other_jobs_cpu_percent_before": busy_before,
         },
         "model": "l96 stencil-cnn (hidden 16, depth 3, kernel 5), state [36] FP32",
-        "runtime": results["single_call"]["runtime"],
+        "runtime": results.get("single_call", {}).get("runtime", "onnxruntime"),
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
