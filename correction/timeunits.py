@@ -39,6 +39,10 @@ _ALIASES = {
 }
 
 
+#: the physical aliases alone (``"h"`` -> ``"hour"``), for readers of time axes' units
+PHYSICAL_ALIASES = {k: v for k, v in _ALIASES.items() if v in SECONDS}
+
+
 class TimeUnitError(ValueError):
     """A time unit that is unknown or does not convert; the message says which."""
 

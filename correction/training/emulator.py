@@ -220,17 +220,23 @@ def train_emulator(
             "host_one_step_change_rms": float(np.sqrt(np.mean((y - x) ** 2))),
             "source": "archive pairs (no live host: no tangent-linear figures)",
         }
-        config.update(
-            metrics=metrics,
-            training={
-                "settings": dataclasses.asdict(cfg),
-                "history": history,
-                "n_states": len(x),
-                "wall_time_s": time.perf_counter() - t0,
-            },
-        )
-        return artifacts.save(out, model, config), metrics
-    metrics = {
+    else:
+        metrics = _host_metrics(emulator, black_box, x_eval, spread, x, y, history)
+    config.update(
+        metrics=metrics,
+        training={
+            "settings": dataclasses.asdict(cfg),
+            "history": history,
+            "n_states": len(x),
+            "wall_time_s": time.perf_counter() - t0,
+        },
+    )
+    return artifacts.save(out, model, config), metrics
+
+
+def _host_metrics(emulator, black_box, x_eval, spread, x, y, history) -> dict[str, Any]:
+    """The emulator's figures against the live host: rollouts and the tangent-linear model."""
+    return {
         "val_loss": history[-1]["val_loss"],
         "one_step_rmse": rollout_error(emulator, black_box, x_eval, 1),
         "ten_step_rmse": rollout_error(emulator, black_box, x_eval, 10),
@@ -243,16 +249,6 @@ def train_emulator(
         ),
         "host_one_step_change_rms": float(np.sqrt(np.mean((y - x) ** 2))),
     }
-    config.update(
-        metrics=metrics,
-        training={
-            "settings": dataclasses.asdict(cfg),
-            "history": history,
-            "n_states": len(x),
-            "wall_time_s": time.perf_counter() - t0,
-        },
-    )
-    return artifacts.save(out, model, config), metrics
 
 
 __all__ = ["EmulatorConfig", "rollout_error", "tangent_error", "train_emulator"]

@@ -9,28 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from correction.timeunits import PHYSICAL_ALIASES, SECONDS
+
 from .base import NS_PER_HOUR, InputError
 
-_UNIT_NAMES = {
-    "s": "second",
-    "sec": "second",
-    "second": "second",
-    "seconds": "second",
-    "min": "minute",
-    "minute": "minute",
-    "minutes": "minute",
-    "h": "hour",
-    "hr": "hour",
-    "hrs": "hour",
-    "hour": "hour",
-    "hours": "hour",
-    "d": "day",
-    "day": "day",
-    "days": "day",
-}
-
-
-_UNIT_NS = {"second": 10**9, "minute": 60 * 10**9, "hour": NS_PER_HOUR, "day": 24 * NS_PER_HOUR}
+# unit names and lengths: the one table of correction.timeunits
+_UNIT_NAMES = PHYSICAL_ALIASES
+_UNIT_NS = {name: int(seconds) * 10**9 for name, seconds in SECONDS.items()}
 
 
 def _time_kind(values: np.ndarray, where: str) -> str:

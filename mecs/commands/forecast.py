@@ -122,12 +122,10 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
     import numpy as np
     import xarray as xr
 
-    from correction.forecast import run_forecast
     from correction.guardrails import GuardedCorrection
-    from correction.storage import OutputExistsError, staged_directory, write_zarr
     from service.remote import RemoteCorrection
 
-    from .forecast_fields import layout_of, run_fields
+    from .forecast_fields import forecast_or_none, layout_of, run_fields, write_output
 
     ds = _open_init(Path(args.init))
     client = None
@@ -194,29 +192,20 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
 
         bar = tqdm(total=args.steps, desc="forecast", unit="step", mininterval=0.5)
     try:
-        result = run_forecast(
+        result = forecast_or_none(
             host,
             x0,
             args.steps,
             source,
             args.output_every,
+            client,
             progress=(lambda n: bar.update(1)) if bar else None,
         )
-    except FloatingPointError as err:
-        print(f"error: mecs forecast: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:
-        from service.client import ServiceError
-
-        if not isinstance(err, ServiceError):
-            raise
-        print(f"error: mecs forecast: correction service failed: {err}", file=sys.stderr)
-        return 1
     finally:
         if bar is not None:
             bar.close()
-        if client is not None:
-            client.close()
+    if result is None:
+        return 1
 
     name = variables[0]["name"]
     dims = list(variables[0]["dims"])
@@ -265,11 +254,7 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
         },
         attrs=attrs,
     )
-    try:
-        with staged_directory(out, overwrite=args.overwrite) as stage:
-            write_zarr(out_ds, stage)
-    except OutputExistsError as err:
-        raise UsageError(f"mecs forecast: {err}") from None
+    write_output(out_ds, out, args.overwrite)
     print(
         f"forecast: {args.steps} steps x {args.members} members with {source.description} "
         f"in {result.wall_time_s:.2f} s; correction latency p50 "

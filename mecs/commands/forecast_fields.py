@@ -13,6 +13,35 @@ from pathlib import Path
 from mecs.cli import UsageError
 
 
+def write_output(ds, out: Path, overwrite: bool) -> None:
+    """Write the forecast store atomically (nothing is left if it fails)."""
+    from correction.storage import OutputExistsError, staged_directory, write_zarr
+
+    try:
+        with staged_directory(out, overwrite=overwrite) as stage:
+            write_zarr(ds, stage)
+    except OutputExistsError as err:
+        raise UsageError(f"mecs forecast: {err}") from None
+
+
+def forecast_or_none(host, x0, steps, source, every, client, progress=None):
+    """``run_forecast``'s result, or None after saying why on one line (a state that left
+    the finite numbers, a correction service that failed); the client is closed either way."""
+    from correction.forecast import run_forecast
+    from service.client import ServiceError
+
+    try:
+        return run_forecast(host, x0, steps, source, every, progress=progress)
+    except FloatingPointError as err:
+        print(f"error: mecs forecast: {err}", file=sys.stderr)
+    except ServiceError as err:
+        print(f"error: mecs forecast: correction service failed: {err}", file=sys.stderr)
+    finally:
+        if client is not None:
+            client.close()
+    return None
+
+
 def model_state_shape(args) -> tuple[int, ...]:
     """The correction model's state shape, for a host that cannot say its own (python:)."""
     if args.repository:
@@ -73,9 +102,6 @@ def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
     import numpy as np
     import xarray as xr
 
-    from correction.forecast import run_forecast
-    from correction.storage import OutputExistsError, staged_directory, write_zarr
-
     if layout is None:
         raise UsageError("mecs forecast: the model states no layout; republish it")
     if tuple(host.state_shape) != tuple(layout.state_shape):
@@ -106,21 +132,9 @@ def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
     if args.members > 1:  # perturbations in each field's own spread
         spread = layout.dataset_to_state(ds, "time").std(axis=0)
         x0[1:] += args.perturbation * spread * rng.standard_normal(x0[1:].shape)
-    try:
-        result = run_forecast(host, x0, args.steps, source, args.output_every)
-    except FloatingPointError as err:
-        print(f"error: mecs forecast: {err}", file=sys.stderr)
+    result = forecast_or_none(host, x0, args.steps, source, args.output_every, client)
+    if result is None:
         return 1
-    except Exception as err:
-        from service.client import ServiceError
-
-        if not isinstance(err, ServiceError):
-            raise
-        print(f"error: mecs forecast: correction service failed: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if client is not None:
-            client.close()
     states = result.states  # [time, member, *state]
     n_t, n_m = states.shape[:2]
     fields = layout.state_to_dataset(states.reshape(n_t * n_m, *layout.state_shape), ds, "case")
@@ -155,11 +169,7 @@ def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
             **result.stats,
         },
     )
-    try:
-        with staged_directory(out, overwrite=args.overwrite) as stage:
-            write_zarr(out_ds, stage)
-    except OutputExistsError as err:
-        raise UsageError(f"mecs forecast: {err}") from None
+    write_output(out_ds, out, args.overwrite)
     print(
         f"forecast: {args.steps} steps x {n_m} members of {len(layout.fields)} fields with "
         f"{source.description}; degraded steps {result.degraded_steps}; wrote {out.resolve()}"
@@ -173,18 +183,11 @@ def _hindcast(args, host, out: Path, ds, source, layout, client, picks, x0) -> i
     import numpy as np
     import xarray as xr
 
-    from correction.forecast import run_forecast
-    from correction.storage import OutputExistsError, staged_directory, write_zarr
     from correction.timeunits import seconds_per
 
-    try:
-        result = run_forecast(host, x0, args.steps, source, args.output_every)
-    except FloatingPointError as err:
-        print(f"error: mecs forecast: {err}", file=sys.stderr)
+    result = forecast_or_none(host, x0, args.steps, source, args.output_every, client)
+    if result is None:
         return 1
-    finally:
-        if client is not None:
-            client.close()
     states = result.states  # [lead, init, *state]
     n_l, n_i = states.shape[:2]
     fields = layout.state_to_dataset(states.reshape(n_l * n_i, *layout.state_shape), ds, "case")
@@ -220,11 +223,7 @@ def _hindcast(args, host, out: Path, ds, source, layout, client, picks, x0) -> i
             "model_versions": sorted({int(v) for v in result.versions if v >= 0}),
         },
     )
-    try:
-        with staged_directory(out, overwrite=args.overwrite) as stage:
-            write_zarr(out_ds, stage)
-    except OutputExistsError as err:
-        raise UsageError(f"mecs forecast: {err}") from None
+    write_output(out_ds, out, args.overwrite)
     print(
         f"forecast: {n_i} hindcasts x {args.steps} steps with {source.description}; "
         f"wrote {out.resolve()}"
