@@ -12,11 +12,13 @@ figure's median over the runs and the ratio new / old, and is written to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +46,25 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
+@contextlib.contextmanager
+def baseline_tree(ref: str, tmp: Path) -> Iterator[Path]:
+    """``ref`` as a checkout: the directory itself, or a temporary git worktree of the revision."""
+    if Path(ref).is_dir():
+        yield Path(ref)
+        return
+    worktree = tmp / "baseline"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(worktree), ref],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield worktree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT)
+
+
 def _run(tree: Path, out: Path, extra: list[str]) -> dict:
     # this tree's bench script measures both trees: the same measuring code for each
     script = ROOT / "bench" / "service.py"
@@ -61,29 +82,12 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="arguments for bench/service.py (after --)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        old = Path(args.baseline)
-        worktree = None
-        if not old.is_dir():
-            worktree = Path(tmp) / "baseline"
-            subprocess.run(
-                ["git", "worktree", "add", "--detach", str(worktree), args.baseline],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
-            old = worktree
-        try:
-            runs: dict[str, list[dict]] = {"old": [], "new": []}
-            for i in range(args.pairs):
-                for label, tree in (("old", old), ("new", ROOT)):
-                    out = Path(tmp) / f"{label}-{i}.json"
-                    runs[label].append(_run(tree, out, args.extra))
-        finally:
-            if worktree is not None:
-                subprocess.run(
-                    ["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False
-                )
+    with tempfile.TemporaryDirectory() as tmp, baseline_tree(args.baseline, Path(tmp)) as old:
+        runs: dict[str, list[dict]] = {"old": [], "new": []}
+        for i in range(args.pairs):
+            for label, tree in (("old", old), ("new", ROOT)):
+                out = Path(tmp) / f"{label}-{i}.json"
+                runs[label].append(_run(tree, out, args.extra))
     rev = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()

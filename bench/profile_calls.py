@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from compare import baseline_tree  # noqa: E402  (the same old-tree checkout as compare.py)
 
 # runs in a fresh interpreter with the tree first on sys.path
 _MEASURE = r"""
@@ -103,21 +105,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile_calls.json"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        old = Path(args.baseline)
-        if not old.is_dir():
-            old = Path(tmp) / "baseline"
-            subprocess.run(
-                ["git", "worktree", "add", "--detach", str(old), args.baseline],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
-        try:
-            before, after = measure(old, args.calls), measure(ROOT, args.calls)
-        finally:
-            if old.parent == Path(tmp):
-                subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT)
+    with tempfile.TemporaryDirectory() as tmp, baseline_tree(args.baseline, Path(tmp)) as old:
+        before, after = measure(old, args.calls), measure(ROOT, args.calls)
     a, b = before.pop("server_functions"), after.pop("server_functions")
     changed = {
         k: [round(a.get(k, 0), 1), round(b.get(k, 0), 1)]

@@ -41,10 +41,6 @@ class HostSpec:
         """Whether it steps states (everything but ``archive:``)."""
         return self.kind != "archive"
 
-    @property
-    def differentiable(self) -> bool:
-        return self.kind == "torch"
-
 
 def parse_host_spec(spec: str) -> HostSpec:
     """``"process:./model --fast"`` -> ``HostSpec("process", "./model --fast")``."""

@@ -104,9 +104,7 @@ def load_analyses(
         times = raw.astype(np.float64)
     if test_start is not None:
         test_start = float(test_start)
-    data = AnalysisData(path, values, times, test_start, host_params)
-    data.layout = layout
-    return data
+    return AnalysisData(path, values, times, test_start, host_params, layout)
 
 
 def archive_pairs(store: str, layout: Any, dims: str | None = None):
@@ -195,6 +193,20 @@ HOST_HELP = (
     "host model spec: torch:NAME (or a registered NAME: l96, l96-2s), "
     "python:MODULE:CALLABLE, or process:COMMAND (an external model speaking mecs-step/1)"
 )
+
+
+def add_host_options(p: Any, required: bool = False, default_note: str = "") -> None:
+    """``--host SPEC``, ``--host-dt`` and ``--host-timeout``: the same on every stage."""
+    p.add_argument("--host", required=required, default=None, help=HOST_HELP + default_note)
+    p.add_argument(
+        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
+    )
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=None,
+        help="seconds a process: host may take per step before it is killed (default 60)",
+    )
 
 
 def make_named_host(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mecs.cli import UsageError
 
-from ._common import HOST_HELP
+from ._common import add_host_options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("emulator", help="train a neural emulator of the host model")
-    p.add_argument("--host", default=None, help=HOST_HELP + " (or 'host' in --config)")
+    add_host_options(p, default_note=" (or 'host' in --config)")
     p.add_argument(
         "--data", required=True, help="mecs synth directory, or an analyses store or glob"
     )
@@ -91,15 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--archive-dims",
         help="with --host archive:STORE, rename the archive's dims (time=init_time,step=lead_time)",
-    )
-    p.add_argument(
-        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
-    )
-    p.add_argument(
-        "--host-timeout",
-        type=float,
-        default=None,
-        help="seconds a process: host may take per step before it is killed (default 60)",
     )
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--config", help="JSON or TOML file of emulator settings")

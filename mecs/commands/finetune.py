@@ -7,7 +7,7 @@ import sys
 
 from mecs.cli import UsageError
 
-from ._common import HOST_HELP
+from ._common import add_host_options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,17 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--emulator", help="emulator artifact (from mecs emulator)")
     p.add_argument("--data", required=True, help="mecs synth directory or analyses store")
-    p.add_argument("--host", default=None, help=HOST_HELP + " (default l96)")
+    add_host_options(p, default_note=" (default l96)")
     p.add_argument("--dims", help="rename the analyses' dims, e.g. valid_time=time")
-    p.add_argument(
-        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
-    )
-    p.add_argument(
-        "--host-timeout",
-        type=float,
-        default=None,
-        help="seconds a process: host may take per step before it is killed (default 60)",
-    )
     p.add_argument("--unroll", type=int, default=None, help="analysis intervals per window")
     p.add_argument("--curriculum", help="unroll lengths in turn, e.g. 1,4,10")
     p.add_argument("--iterations", type=int, default=None)

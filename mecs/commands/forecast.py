@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     host = make_named_host(
         args.host,
         _parse_host_params(args.host_param),
-        state_shape=model_state_shape(args) if args.host.startswith("python:") else None,
+        state_shape=model_state_shape(args) if _is_python_host(args.host) else None,
         dt=args.host_dt,
         timeout_s=args.host_timeout,
     )
@@ -116,6 +116,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         close_host(host)
+
+
+def _is_python_host(spec: str) -> bool:
+    """A ``python:`` host cannot say its state shape; the model's is used."""
+    from correction.hosts.specs import HostSpecError, parse_host_spec
+
+    try:
+        return parse_host_spec(spec).kind == "python"
+    except HostSpecError:
+        return False  # make_named_host reports it
 
 
 def _run(args: argparse.Namespace, host, out: Path) -> int:
@@ -173,9 +183,8 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
                     f"are per {corrector.time_unit}: {err}"
                 ) from None
         variables = source.variables()
-    layout = layout_of(source, client)
     if len(variables) != 1:  # several fields: stacked in the model's layout
-        return run_fields(args, host, out, ds, source, layout, client)
+        return run_fields(args, host, out, ds, source, layout_of(source, client), client)
     try:
         init_time = None if args.init_time is None else float(args.init_time)
     except ValueError:
@@ -265,19 +274,10 @@ def _run(args: argparse.Namespace, host, out: Path) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ._common import HOST_HELP
+    from ._common import add_host_options
 
     p = sub.add_parser("forecast", help="run the host model with the correction every step")
-    p.add_argument("--host", required=True, help=HOST_HELP)
-    p.add_argument(
-        "--host-dt", type=float, default=None, help="host time step (python: hosts only)"
-    )
-    p.add_argument(
-        "--host-timeout",
-        type=float,
-        default=None,
-        help="seconds a process: host may take per step before it is killed (default 60)",
-    )
+    add_host_options(p, required=True)
     p.add_argument(
         "--host-param",
         action="append",

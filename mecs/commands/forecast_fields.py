@@ -24,6 +24,21 @@ def write_output(ds, out: Path, overwrite: bool) -> None:
         raise UsageError(f"mecs forecast: {err}") from None
 
 
+def _per_field(layout, states, ds, dims: tuple[str, str]) -> dict:
+    """States ``[time, batch, *state]`` as one float32 variable per field, ``(*dims, ...)``
+    with ``dims`` naming (batch, time) in that order."""
+    import numpy as np
+
+    n_t, n_b = states.shape[:2]
+    fields = layout.state_to_dataset(states.reshape(n_t * n_b, *layout.state_shape), ds, "case")
+    out = {}
+    for f in layout.fields:
+        arr = fields[f].values.reshape(n_t, n_b, *fields[f].shape[1:]).swapaxes(0, 1)
+        attrs = {**ds[f].attrs, "long_name": f"corrected forecast of {f}"}
+        out[f] = ((*dims, *layout.field_dims[f]), arr.astype(np.float32), attrs)
+    return out
+
+
 def forecast_or_none(host, x0, steps, source, every, client, progress=None):
     """``run_forecast``'s result, or None after saying why on one line (a state that left
     the finite numbers, a correction service that failed); the client is closed either way."""
@@ -135,17 +150,11 @@ def run_fields(args, host, out: Path, ds, source, layout, client) -> int:
     result = forecast_or_none(host, x0, args.steps, source, args.output_every, client)
     if result is None:
         return 1
-    states = result.states  # [time, member, *state]
-    n_t, n_m = states.shape[:2]
-    fields = layout.state_to_dataset(states.reshape(n_t * n_m, *layout.state_shape), ds, "case")
+    n_m = result.states.shape[1]
     lead = result.steps * host.dt
     t0 = ds["time"].values[i]
     unit = getattr(host, "time_unit", "model time unit")
-    data_vars = {}
-    for f in layout.fields:
-        arr = fields[f].values.reshape(n_t, n_m, *fields[f].shape[1:]).swapaxes(0, 1)
-        attrs = {**ds[f].attrs, "long_name": f"corrected forecast of {f}"}
-        data_vars[f] = (("member", "time", *layout.field_dims[f]), arr.astype(np.float32), attrs)
+    data_vars = _per_field(layout, result.states, ds, ("member", "time"))
     data_vars["model_version"] = ("time", result.versions.astype(np.int32), {"units": "1"})
     grid = {d: ds[d] for d in ds.coords if set(ds[d].dims) <= set(layout.sizes)}
     out_ds = xr.Dataset(
@@ -188,9 +197,7 @@ def _hindcast(args, host, out: Path, ds, source, layout, client, picks, x0) -> i
     result = forecast_or_none(host, x0, args.steps, source, args.output_every, client)
     if result is None:
         return 1
-    states = result.states  # [lead, init, *state]
-    n_l, n_i = states.shape[:2]
-    fields = layout.state_to_dataset(states.reshape(n_l * n_i, *layout.state_shape), ds, "case")
+    n_i = result.states.shape[1]
     unit = getattr(host, "time_unit", None) or "hour"
     lead = result.steps * host.dt
     inits = ds["time"].values[picks]
@@ -201,15 +208,7 @@ def _hindcast(args, host, out: Path, ds, source, layout, client, picks, x0) -> i
                 "mecs forecast: datetime analyses need a host with a physical time unit"
             )
         lead = (np.asarray(lead) * per * 1e9).round().astype("timedelta64[ns]")
-    data_vars = {}
-    for f in layout.fields:
-        arr = fields[f].values.reshape(n_l, n_i, *fields[f].shape[1:]).swapaxes(0, 1)
-        attrs = {**ds[f].attrs, "long_name": f"corrected forecast of {f}"}
-        data_vars[f] = (
-            ("init_time", "lead_time", *layout.field_dims[f]),
-            arr.astype(np.float32),
-            attrs,
-        )
+    data_vars = _per_field(layout, result.states, ds, ("init_time", "lead_time"))
     grid = {d: ds[d] for d in ds.coords if set(ds[d].dims) <= set(layout.sizes)}
     out_ds = xr.Dataset(
         data_vars,
