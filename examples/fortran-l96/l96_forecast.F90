@@ -16,7 +16,8 @@
 ! K (36), init (a file of members*K little-endian float64, member after member;
 ! default: F plus a small perturbation per member), out (trajectory.nc),
 ! output_every (1), policy (raise|zero|last), version, timeout, retries, cooldown,
-! failure_threshold, step_delay (seconds to sleep per step, for tests), progress
+! failure_threshold, follow_latest (1: do not pin the version found at open; follow
+! the served default across hot reloads), step_delay (seconds to sleep per step, for tests), progress
 ! (1: print "step N" after each step).
 !
 ! Output: a netCDF classic file with X(time, member, k), step(time), time(time) and
@@ -45,7 +46,7 @@ program l96_forecast
   character(len=512) :: url = "http://127.0.0.1:8000", model = "l96", init = "", &
        out = "trajectory.nc", policy = "raise", transport = "fp32", arg
   integer :: members = 1, steps = 500, K = 36, output_every = 1, version = 0, retries = 2, &
-       failure_threshold = 3, progress = 0
+       failure_threshold = 3, progress = 0, follow_latest = 0
   real(real64) :: dt = 0.01_real64, forcing = 10.0_real64, timeout = 5.0_real64, &
        cooldown = 2.0_real64, step_delay = 0.0_real64
   type(mecs_handle) :: h
@@ -100,7 +101,7 @@ program l96_forecast
           dtype=merge(MECS_FP32, MECS_FP64, transport == "fp32"))
   else
      call mecs_open(h, trim(url), trim(model), status, policy=trim(policy), timeout=timeout, &
-          retries=retries, cooldown=cooldown, failure_threshold=failure_threshold, &
+          follow_latest=follow_latest /= 0, retries=retries, cooldown=cooldown, failure_threshold=failure_threshold, &
           state_shape=[K], dtype=merge(MECS_FP32, MECS_FP64, transport == "fp32"))
   end if
   if (status /= MECS_OK) then
@@ -196,6 +197,7 @@ contains
     case ("retries"); read(value, *, iostat=ios) retries
     case ("failure_threshold"); read(value, *, iostat=ios) failure_threshold
     case ("progress"); read(value, *, iostat=ios) progress
+    case ("follow_latest"); read(value, *, iostat=ios) follow_latest
     case ("dt"); read(value, *, iostat=ios) dt
     case ("F"); read(value, *, iostat=ios) forcing
     case ("timeout"); read(value, *, iostat=ios) timeout

@@ -7,15 +7,20 @@ test imports from ``conftest``.
 from .data import BACKENDS, STORE_FORMATS, make_archive, open_store, write_store
 from .metrics import metric_value, scrape
 from .models import make_l96_model, service_settings
+from .native import NativeBuild, build_native, missing_tools, mpi_env
 from .processes import ServeProcess
 
 __all__ = [
     "BACKENDS",
+    "NativeBuild",
     "STORE_FORMATS",
+    "build_native",
     "ServeProcess",
     "make_archive",
     "make_l96_model",
     "metric_value",
+    "missing_tools",
+    "mpi_env",
     "open_store",
     "scrape",
     "service_settings",

@@ -11,19 +11,29 @@ from typing import Any
 
 
 class ServeProcess:
-    """``mecs serve --port 0`` in a subprocess; ``url`` is read from its start-up line.
+    """``mecs serve --port PORT`` in a subprocess (0: a free port); ``url`` is read from its
+    start-up line.
 
     ``env`` entries become ``MECS_<NAME>`` variables. The process's log (stderr)
     is kept in a file, so a test can read it after the run.
     """
 
-    def __init__(self, repository: Path, log_path: Path, **env: Any) -> None:
+    def __init__(self, repository: Path, log_path: Path, port: int = 0, **env: Any) -> None:
         environ = dict(os.environ, PYTHONUNBUFFERED="1")
         environ.update({f"MECS_{k.upper()}": str(v) for k, v in env.items()})
         self.log_path = Path(log_path)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mecs", "serve", "--repository", str(repository), "--port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "mecs",
+                "serve",
+                "--repository",
+                str(repository),
+                "--port",
+                str(port),
+            ],
             env=environ,
             stdout=subprocess.PIPE,
             stderr=self._log,
