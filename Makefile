@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo demo-quick test test-all lint docs install clean
+.PHONY: demo demo-quick test test-all lint docs install clean clients test-clients bench-clients
 
 install: $(STAMP)
 
@@ -31,6 +31,16 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the C and Fortran clients and the Fortran example: build/prefix (installed), build/fortran-l96
+clients:
+	bash clients/build.sh build
+
+test-clients: $(STAMP) clients
+	$(BIN)/python -m pytest tests/test_clients.py
+
+bench-clients: $(STAMP) clients
+	$(BIN)/python bench/clients.py --probe build/prefix/bin/mecs-probe
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

@@ -47,7 +47,8 @@ struct mecs_client {
     int64_t expect_shape[MECS_MAX_RANK];
     /* connection and model */
     CURL *curl;
-    struct curl_slist *get_headers;
+    struct curl_slist *get_headers, *post_headers; /* post_headers: for post_header_len */
+    size_t post_header_len;
     char *auth_header, *infer_url, *metadata;
     int connected, accepts_fp32, accepts_fp64, rank;
     int64_t shape[MECS_MAX_RANK], size;
@@ -359,20 +360,26 @@ static void error_text(const buffer *b, char *out, size_t len) {
 static int http(mecs_client *c, const char *url, const char *head, size_t head_len,
                 const void *data, size_t data_len, long *status) {
     CURL *h = c->curl;
-    struct curl_slist *headers = NULL;
     upload up = {head, head_len, data, data_len, 0};
     int post = head != NULL;
     curl_easy_setopt(h, CURLOPT_URL, url);
     if (post) {
-        char line[80];
-        snprintf(line, sizeof line, "Inference-Header-Content-Length: %zu", head_len);
-        headers = curl_slist_append(NULL, "Content-Type: application/octet-stream");
-        headers = curl_slist_append(headers, "Expect:");
-        headers = curl_slist_append(headers, line);
-        if (c->auth_header) headers = curl_slist_append(headers, c->auth_header);
-        if (!headers) return fail(c, MECS_E_MEMORY, "out of memory");
+        /* the header list changes only with the JSON header's length: kept between calls */
+        if (!c->post_headers || c->post_header_len != head_len) {
+            char line[80];
+            struct curl_slist *headers;
+            snprintf(line, sizeof line, "Inference-Header-Content-Length: %zu", head_len);
+            headers = curl_slist_append(NULL, "Content-Type: application/octet-stream");
+            if (headers) headers = curl_slist_append(headers, "Expect:");
+            if (headers) headers = curl_slist_append(headers, line);
+            if (headers && c->auth_header) headers = curl_slist_append(headers, c->auth_header);
+            if (!headers) return fail(c, MECS_E_MEMORY, "out of memory");
+            curl_slist_free_all(c->post_headers);
+            c->post_headers = headers;
+            c->post_header_len = head_len;
+        }
         curl_easy_setopt(h, CURLOPT_POST, 1L);
-        curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+        curl_easy_setopt(h, CURLOPT_HTTPHEADER, c->post_headers);
         curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)(head_len + data_len));
     } else {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
@@ -443,7 +450,6 @@ static int http(mecs_client *c, const char *url, const char *head, size_t head_l
                                          : "");
         break;
     }
-    curl_slist_free_all(headers);
     return code;
 }
 
@@ -900,6 +906,7 @@ void mecs_close(mecs_client *c) {
     if (!c) return;
     if (c->curl) curl_easy_cleanup(c->curl);
     curl_slist_free_all(c->get_headers);
+    curl_slist_free_all(c->post_headers);
     if (c->auth_header) {
         memset(c->auth_header, 0, strlen(c->auth_header));
         free(c->auth_header);

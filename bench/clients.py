@@ -1,0 +1,237 @@
+"""The C client's latency next to the Python client's and the bare floor, in one run.
+
+Builds the clients (``clients/build.sh``, unless ``--probe`` names a built
+``mecs-probe``), starts ``mecs serve`` over a small l96 model and a *bare* server
+(a plain ASGI app on uvicorn, in its own process, that answers the metadata call
+and every infer call with the same canned, valid answer: no framework, no model),
+and measures one l96 correction (1 x 36 FP32, binary) per call:
+
+- ``floor``: the request's bytes sent and the answer read on the project's own
+  socket connection (``service.client.SocketTransport``), against the bare server;
+- ``c_bare`` / ``python_bare``: the whole C client (``mecs_correct``: request
+  header, libcurl, answer parsing, policy) and the whole Python client
+  (``CorrectionClient.correct``) against the bare server: the floor plus each
+  client's own cost;
+- ``c_service`` / ``python_service``: both clients against ``mecs serve``.
+
+The five are measured in interleaved rounds (the machine's load drifts) and the
+medians of the rounds' p50/p99 are reported, with ``c_bare / floor`` (the issue's
+target: at most 1.3) and ``c_service / python_service``. Writes
+``bench/results/clients.json``. Usage: ``python bench/clients.py [--calls 3000]
+[--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench.service import Server, summary, timed  # noqa: E402
+
+MODEL = "l96"
+K = 36
+
+
+def _canned_answer() -> tuple[bytes, bytes]:
+    """The bare server's metadata body and its infer answer (header + 144 bytes)."""
+    meta = {
+        "name": MODEL,
+        "versions": ["1"],
+        "version": "1",
+        "inputs": [{"name": "state", "datatype": "FP32", "shape": [-1, K]}],
+        "outputs": [{"name": "correction", "datatype": "FP32", "shape": [-1, K]}],
+        "parameters": {"accepted_datatypes": ["FP32", "FP64"], "dims": ["batch", "k"]},
+    }
+    header = {
+        "model_name": MODEL,
+        "model_version": "1",
+        "parameters": {"batch_size": 1, "out_of_distribution": False, "capped_values": 0},
+        "outputs": [
+            {
+                "name": "correction",
+                "datatype": "FP32",
+                "shape": [1, K],
+                "parameters": {"binary_data_size": 4 * K},
+            }
+        ],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return json.dumps(meta).encode(), head + bytes(4 * K)
+
+
+async def _bare_app(scope, receive, send):
+    """Read the whole request, answer the canned bytes: the floor under any service."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    meta, answer = _BODIES
+    if scope["method"] == "GET":
+        body, headers = meta, [(b"content-type", b"application/json")]
+    else:
+        hlen = str(len(answer) - 4 * K).encode()
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", hlen),
+        ]
+        body = answer
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+_BODIES = _canned_answer()
+
+
+def _serve_bare(port: int) -> None:
+    import uvicorn
+
+    from service.app import tune_malloc
+
+    tune_malloc(32 << 20)  # as the service does at start-up
+    uvicorn.run(_bare_app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, deadline_s: float = 60) -> None:
+    t0 = time.time()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() - t0 > deadline_s:
+                raise
+            time.sleep(0.1)
+
+
+def _probe(probe: Path, url: str, calls: int) -> dict:
+    out = subprocess.run(
+        [str(probe), url, MODEL, "", "--calls", str(calls)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return json.loads(out.stdout)
+
+
+def _median(rounds: list[dict], key: str) -> float:
+    return round(float(np.median([r[key] for r in rounds])), 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=3000, help="calls per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--probe", help="a built mecs-probe (default: build with clients/build.sh)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "clients.json"))
+    args = p.parse_args()
+
+    import torch
+    from support import make_l96_model
+
+    from correction.artifacts import publish
+    from service.client import CorrectionClient, SocketTransport
+    from service.protocol import encode_infer_request_parts
+
+    torch.set_num_threads(1)
+    if args.probe:
+        probe = Path(args.probe)
+    else:
+        built = subprocess.run(
+            ["bash", str(ROOT / "clients" / "build.sh"), str(ROOT / "build")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        probe = Path(built.stdout.split()[-2]) / "bin" / "mecs-probe"
+    state = (2.5 + 3.0 * np.sin(0.7 * np.arange(K))).astype(np.float32)
+    port = _free_port()
+    bare = mp.get_context("spawn").Process(target=_serve_bare, args=(port,), daemon=True)
+    bare.start()
+    bare_url = f"http://127.0.0.1:{port}"
+    results: dict = {"rounds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "models"
+        publish(repo, MODEL, *make_l96_model())
+        with Server(repo, TORCH_THREADS="1") as server:
+            _wait_listening(port)
+            parts, headers = encode_infer_request_parts({"state": state[None]})
+            head = (
+                f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + f"Content-Length: {sum(len(x) for x in parts)}\r\n\r\n"
+            ).encode()
+            conn = SocketTransport("127.0.0.1", port, False, 1.0)
+            py_bare = CorrectionClient(bare_url, MODEL)
+            py_service = CorrectionClient(server.url, MODEL)
+            load = os.getloadavg()
+            for r in range(args.rounds):
+                row = {}
+                floor = summary(timed(lambda: conn.send_raw(head, parts, 30), args.calls))
+                row["floor_p50_us"], row["floor_p99_us"] = floor["p50_us"], floor["p99_us"]
+                for label, url in (("c_bare", bare_url), ("c_service", server.url)):
+                    figures = _probe(probe, url, args.calls)
+                    row[f"{label}_p50_us"], row[f"{label}_p99_us"] = (
+                        figures["p50_us"],
+                        figures["p99_us"],
+                    )
+                for label, client in (("python_bare", py_bare), ("python_service", py_service)):
+                    s = summary(timed(lambda c=client: c.correct(state), args.calls))
+                    row[f"{label}_p50_us"], row[f"{label}_p99_us"] = s["p50_us"], s["p99_us"]
+                results["rounds"].append(row)
+                print(f"round {r + 1}", json.dumps(row), flush=True)
+            conn.close()
+            py_bare.close()
+            py_service.close()
+    bare.terminate()
+    bare.join(10)
+    rounds = results["rounds"]
+    med = {key: _median(rounds, key) for key in rounds[0] if key.endswith("_us")}
+    results["median"] = med
+    results["ratios"] = {
+        "c_bare_over_floor_p50": round(med["c_bare_p50_us"] / med["floor_p50_us"], 3),
+        "c_bare_over_floor_p99": round(med["c_bare_p99_us"] / med["floor_p99_us"], 3),
+        "c_service_over_python_service_p50": round(
+            med["c_service_p50_us"] / med["python_service_p50_us"], 3
+        ),
+        "c_service_over_python_service_p99": round(
+            med["c_service_p99_us"] / med["python_service_p99_us"], 3
+        ),
+        "python_bare_over_floor_p50": round(med["python_bare_p50_us"] / med["floor_p50_us"], 3),
+        "c_client_cost_p50_us": round(med["c_bare_p50_us"] - med["floor_p50_us"], 1),
+        "python_client_cost_p50_us": round(med["python_bare_p50_us"] - med["floor_p50_us"], 1),
+    }
+    results["target"] = "c_bare_over_floor_p50 <= 1.3"
+    results["settings"] = {"calls": args.calls, "rounds": args.rounds, "loadavg_before": load}
+    results["machine"] = {"cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps({"median": med, "ratios": results["ratios"]}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
