@@ -16,7 +16,14 @@ import threading
 import numpy as np
 import pytest
 import xarray as xr
-from support import ServeProcess, build_native, make_l96_model, missing_tools, mpi_env
+from support import (
+    ServeProcess,
+    build_native,
+    make_l96_model,
+    missing_tools,
+    mpi_env,
+    self_signed,
+)
 
 from correction import artifacts
 from correction.storage import open_zarr
@@ -311,6 +318,18 @@ def test_forbidden_and_dtype_mismatch_are_reported_as_such(native):
         assert "dtype mismatch: model 'l96' does not accept FP32 states" in out.stderr
     finally:
         httpd.shutdown()
+
+
+def test_tls_failures_are_reported_and_a_ca_file_fixes_them(native, start_server, tmp_path):
+    cert, key = self_signed(tmp_path)
+    plain = start_server()
+    tls = start_server(ssl_certfile=cert, ssl_keyfile=key)
+    for url in (plain.url.replace("http://", "https://"), tls.url):
+        out = _probe(native, url, "policy=zero")
+        assert out.returncode == 2 and "MECS_E_TLS: " in out.stderr, out.stderr
+        assert "TLS handshake failed" in out.stderr
+    out = _probe(native, tls.url, f"ca_file={cert}")
+    assert out.returncode == 0 and json.loads(out.stdout)["version"] == 1, out.stderr
 
 
 @pytest.mark.parametrize("dtype", ["FP32", "FP64"])

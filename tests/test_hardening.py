@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from support import ServeProcess, make_l96_model, metric_value
+from support import ServeProcess, make_l96_model, metric_value, self_signed
 
 from correction import artifacts
 from correction.artifacts import ArtifactError, publish
@@ -277,38 +277,11 @@ def test_a_200_that_is_not_the_protocol_degrades_and_trips_the_breaker(
         assert c.degraded_steps == 4 and c.failures == 2  # the breaker opened after two
 
 
-def _self_signed(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 @pytest.mark.parametrize("transport", ["socket", "http.client"])
 def test_tls_failures_raise_under_every_policy_and_a_ca_file_fixes_them(
     start_server, tmp_path, transport
 ):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     plain = start_server()
     tls = start_server(ssl_certfile=cert, ssl_keyfile=key)
     assert tls.url.startswith("https://")

@@ -9,6 +9,7 @@ from .metrics import metric_value, scrape
 from .models import make_l96_model, service_settings
 from .native import NativeBuild, build_native, missing_tools, mpi_env
 from .processes import ServeProcess
+from .tls import self_signed
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +24,7 @@ __all__ = [
     "mpi_env",
     "open_store",
     "scrape",
+    "self_signed",
     "service_settings",
     "write_store",
 ]
