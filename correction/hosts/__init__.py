@@ -20,10 +20,12 @@ from .base import (
     to_tensor,
 )
 from .lorenz96 import Lorenz96, Lorenz96TwoScale, l96_tendency
+from .qg import TwoLayerQG
 
 HOSTS: dict[str, Callable[..., HostModel]] = {
     "l96": Lorenz96,
     "l96-2s": Lorenz96TwoScale,
+    "qg": TwoLayerQG,
 }
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "HostModel",
     "Lorenz96",
     "Lorenz96TwoScale",
+    "TwoLayerQG",
     "check_state",
     "integrate",
     "l96_tendency",
