@@ -302,6 +302,11 @@ class _Gateway(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self):  # noqa: N802 - an answer that is not HTTP at all
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.wfile.write(b"this is not HTTP\r\n\r\n")
+        self.close_connection = True
+
     def log_message(self, *args):
         pass
 
@@ -316,6 +321,28 @@ def test_forbidden_and_dtype_mismatch_are_reported_as_such(native):
         out = _probe(native, base, "expect_dtype=FP32")
         assert out.returncode == 2
         assert "dtype mismatch: model 'l96' does not accept FP32 states" in out.stderr
+        # an answer that is not HTTP is an outage (degraded under zero), not a bad URL
+        ok = subprocess.run(
+            [
+                str(native.probe),
+                base,
+                "l96",
+                "policy=zero;retries=0",
+                "--calls",
+                "3",
+                "--dtype",
+                "FP64",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert ok.returncode == 0 and json.loads(ok.stdout)["degraded_steps"] == 5, ok.stderr
+        out = subprocess.run(
+            [str(native.probe), base, "l96", "retries=0", "--calls", "1", "--dtype", "FP64"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 1 and "MECS_E_PROTOCOL" in out.stderr and "not HTTP" in out.stderr
     finally:
         httpd.shutdown()
 

@@ -289,6 +289,19 @@ contains
     if (status == MECS_OK) status = c_connect(h%ptr)
   end subroutine mecs_open
 
+  !> An empty array cannot be passed to C (C_LOC needs one of non-zero size): refused here.
+  logical function empty(h, nstate, ncorr, status)
+    type(mecs_handle), intent(inout) :: h
+    integer, intent(in) :: nstate, ncorr
+    integer, intent(out) :: status
+    empty = nstate == 0 .or. ncorr == 0
+    status = MECS_OK
+    if (empty) then
+       status = MECS_E_ARGUMENT
+       h%local_error = "mecs_correct: an empty state or correction array"
+    end if
+  end function empty
+
   !> Check a Fortran array against the model's state and call the C client.
   subroutine correct_ptr(h, pstate, pcorr, dtype, shp, nstate, ncorr, status, dt)
     type(mecs_handle), intent(inout) :: h
@@ -328,11 +341,11 @@ contains
     r = c_state_rank(h%ptr)
     if (size(shp) == r .or. size(shp) == r + 1) then  ! dims reversed against the model's
        do i = 1, r
-          if (shp(i) /= c_state_dim(h%ptr, r - i)) then
+          if (shp(i) /= c_state_dim(h%ptr, int(r - i, c_int))) then
              status = MECS_E_ARGUMENT
              write(h%local_error, '(a,i0,a,i0,a,i0,a)') "mecs_correct: dimension ", i, &
                   " of the state array is ", shp(i), ", the model's is ", &
-                  c_state_dim(h%ptr, r - i), " (Fortran arrays hold the service's dims reversed)"
+                  c_state_dim(h%ptr, int(r - i, c_int)), " (Fortran arrays hold the service's dims reversed)"
              return
           end if
        end do
@@ -353,6 +366,7 @@ contains
     real(c_float), intent(out), target, contiguous :: correction(:)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP32, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r4_1
@@ -363,6 +377,7 @@ contains
     real(c_float), intent(out), target, contiguous :: correction(:, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP32, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r4_2
@@ -373,6 +388,7 @@ contains
     real(c_float), intent(out), target, contiguous :: correction(:, :, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP32, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r4_3
@@ -383,6 +399,7 @@ contains
     real(c_float), intent(out), target, contiguous :: correction(:, :, :, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP32, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r4_4
@@ -393,6 +410,7 @@ contains
     real(c_float), intent(out), target, contiguous :: correction(:, :, :, :, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP32, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r4_5
@@ -403,6 +421,7 @@ contains
     real(c_double), intent(out), target, contiguous :: correction(:)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP64, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r8_1
@@ -413,6 +432,7 @@ contains
     real(c_double), intent(out), target, contiguous :: correction(:, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP64, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r8_2
@@ -423,6 +443,7 @@ contains
     real(c_double), intent(out), target, contiguous :: correction(:, :, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP64, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r8_3
@@ -433,6 +454,7 @@ contains
     real(c_double), intent(out), target, contiguous :: correction(:, :, :, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP64, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r8_4
@@ -443,6 +465,7 @@ contains
     real(c_double), intent(out), target, contiguous :: correction(:, :, :, :, :)
     integer, intent(out) :: status
     real(c_double), intent(in), optional :: dt
+    if (empty(h, size(state), size(correction), status)) return
     call correct_ptr(h, c_loc(state), c_loc(correction), MECS_FP64, shape(state), &
          size(state, kind=c_int64_t), size(correction, kind=c_int64_t), status, dt)
   end subroutine correct_r8_5

@@ -37,7 +37,7 @@ program l96_step_host
   integer :: in_pos = 1, in_len = 0
   character(len=MAX_LINE) :: line
   character(len=512) :: arg, name = "fortran-l96", answer
-  character(len=64) :: id_text, datatype
+  character(len=64) :: id_text, datatype, op
   integer :: K = 36, i, n, nline, steps, batch, width, ios, shape(8), rank
   real(real64) :: forcing = 10.0_real64, dt = 0.01_real64
   real(real64), allocatable, target :: x(:, :)
@@ -56,7 +56,12 @@ program l96_step_host
      case ("K"); read(arg(n + 1:), *, iostat=ios) K
      case ("F"); read(arg(n + 1:), *, iostat=ios) forcing
      case ("dt"); read(arg(n + 1:), *, iostat=ios) dt
-     case ("name"); name = arg(n + 1:)
+     case ("name")
+        name = arg(n + 1:)
+        if (len_trim(name) > 200 .or. scan(trim(name), '"\') > 0) then
+           write(error_unit, '(a)') "l96_step_host: name= takes up to 200 characters, no quotes"
+           error stop 2
+        end if
      case default
         write(error_unit, '(a)') "l96_step_host: unknown argument '" // trim(arg) // &
              "' (K=, F=, dt=, name=)"
@@ -74,12 +79,14 @@ program l96_step_host
   do
      call get_line(line, nline, ok)
      if (.not. ok) exit  ! mecs went away
-     if (index(line(:nline), '"close"') > 0) exit
-     if (index(line(:nline), '"step"') == 0) then
+     call json_raw(line(:nline), "op", op)
+     if (op == '"close"') exit
+     if (op /= '"step"') then
         write(error_unit, '(a)') "l96_step_host: unknown request: " // line(:min(nline, 200))
         error stop 3
      end if
      call json_raw(line(:nline), "id", id_text)
+     if (len_trim(id_text) == 0) id_text = "null"
      call json_raw(line(:nline), "datatype", datatype)
      call json_ints(line(:nline), "shape", shape, rank)
      call json_int(line(:nline), "steps", steps, 1)

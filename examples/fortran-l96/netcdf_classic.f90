@@ -138,25 +138,26 @@ contains
     used = used + size(b)
   end subroutine put_bytes
 
+  !> True on a machine that stores the low byte first (the file is big-endian).
+  logical function little_endian()
+    integer(int8) :: b(4)
+    b = transfer(1_int32, b)
+    little_endian = b(1) == 1_int8
+  end function little_endian
+
   subroutine put_i32(v)
     integer(int32), intent(in) :: v
     integer(int8) :: b(4)
-    integer :: i
-    do i = 1, 4  ! big-endian, whatever the machine's order
-       b(i) = int(ibits(v, 8 * (4 - i), 8), int8)
-    end do
+    b = transfer(v, b)  ! the machine's bytes, reversed when it is little-endian
+    if (little_endian()) b = b(4:1:-1)
     call put_bytes(b)
   end subroutine put_i32
 
   subroutine put_f64(v)
     real(real64), intent(in) :: v
-    integer(int64) :: bits
     integer(int8) :: b(8)
-    integer :: i
-    bits = transfer(v, bits)
-    do i = 1, 8
-       b(i) = int(ibits(bits, 8 * (8 - i), 8), int8)
-    end do
+    b = transfer(v, b)
+    if (little_endian()) b = b(8:1:-1)
     call put_bytes(b)
   end subroutine put_f64
 
@@ -166,7 +167,7 @@ contains
     n = len_trim(s)
     call put_i32(int(n, int32))
     do i = 1, n
-       call put_bytes([int(ichar(s(i:i)), int8)])
+       call put_bytes([transfer(s(i:i), 0_int8)])
     end do
     do i = 1, modulo(-n, 4)
        call put_bytes([0_int8])
@@ -218,7 +219,7 @@ contains
     header_size = 0
     do pass = 1, 2  ! the first pass measures the header, the second writes offsets
        used = 0
-       call put_bytes([int(ichar('C'), int8), int(ichar('D'), int8), int(ichar('F'), int8), 1_int8])
+       call put_bytes([transfer('C', 0_int8), transfer('D', 0_int8), transfer('F', 0_int8), 1_int8])
        call put_i32(0_int32)  ! numrecs: no record dimension
        call put_i32(10_int32)  ! NC_DIMENSION
        call put_i32(int(nc%ndims, int32))

@@ -11,7 +11,9 @@
 #include <ctype.h>
 #include <curl/curl.h>
 #include <errno.h>
+#include <locale.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +66,8 @@ struct mecs_client {
     /* per-call buffers */
     buffer request, response;
     long header_length;
+    locale_t c_locale; /* numbers are parsed and printed in the C locale, whatever the host's */
+    char curl_err[CURL_ERROR_SIZE];
     char err[ERR_LEN];
 };
 
@@ -75,6 +79,27 @@ static int fail(mecs_client *c, int code, const char *fmt, ...) {
     vsnprintf(c->err, sizeof c->err, fmt, ap);
     va_end(ap);
     return code;
+}
+
+/* Append to a fixed buffer; 0 once it is full (the caller then refuses the request). */
+static int append(char *buf, size_t cap, size_t *off, const char *fmt, ...) {
+    if (*off >= cap) return 0;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf + *off, cap - *off, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= cap - *off) {
+        *off = cap;
+        return 0;
+    }
+    *off += (size_t)n;
+    return 1;
+}
+
+/* A JSON number that is a whole count in [lo, hi]. */
+static int whole(const mj_node *n, double lo, double hi) {
+    return n && n->type == MJ_NUMBER && n->number >= lo && n->number <= hi &&
+           n->number == floor(n->number);
 }
 
 static double now_s(void) {
@@ -231,11 +256,12 @@ int mecs_set(mecs_client *c, const char *name, const char *value) {
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++)
         if (strcmp(name, strings[i].name) == 0) return set_string(c, strings[i].slot, value);
     if (strcmp(name, "dt_unit") == 0) {
-        if (!canonical_unit(value))
+        const char *unit = strlen(value) < 64 ? canonical_unit(value) : NULL;
+        if (!unit)
             return fail(c, MECS_E_ARGUMENT,
-                        "option dt_unit: unknown time unit '%s'; use s, min, h, day or 'model time unit'",
+                        "option dt_unit: unknown time unit '%.64s'; use s, min, h, day or 'model time unit'",
                         value);
-        return set_string(c, &c->dt_unit, value);
+        return set_string(c, &c->dt_unit, unit); /* the canonical name: plain words only */
     }
     if (strcmp(name, "version") == 0) {
         if (!parse_long(value, 1, &l))
@@ -324,6 +350,14 @@ static size_t on_header(char *ptr, size_t size, size_t n, void *userdata) {
     return len;
 }
 
+static int on_seek(void *userdata, curl_off_t offset, int origin) {
+    upload *u = userdata; /* libcurl rewinds to resend on a connection it had to reopen */
+    if (origin != SEEK_SET || offset < 0 || (size_t)offset > u->head_len + u->data_len)
+        return CURL_SEEKFUNC_CANTSEEK;
+    u->pos = (size_t)offset;
+    return CURL_SEEKFUNC_OK;
+}
+
 static size_t on_upload(char *dst, size_t size, size_t n, void *userdata) {
     upload *u = userdata;
     size_t room = size * n, done = 0;
@@ -406,20 +440,37 @@ static int http(mecs_client *c, const char *url, const char *head, size_t head_l
                 curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
                 curl_easy_setopt(h, CURLOPT_READFUNCTION, on_upload);
                 curl_easy_setopt(h, CURLOPT_READDATA, &up);
+                curl_easy_setopt(h, CURLOPT_SEEKFUNCTION, on_seek);
+                curl_easy_setopt(h, CURLOPT_SEEKDATA, &up);
             }
         }
         c->response.len = 0;
         c->header_length = -1;
+        c->curl_err[0] = '\0';
         CURLcode rc = curl_easy_perform(h);
+        curl_easy_setopt(h, CURLOPT_READDATA, NULL); /* `up` lives on this stack frame */
+        curl_easy_setopt(h, CURLOPT_SEEKDATA, NULL);
         if (rc != CURLE_OK) {
-            const char *what = curl_easy_strerror(rc);
-            if (rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
-                rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_SSL_CERTPROBLEM) {
+            const char *what = c->curl_err[0] ? c->curl_err : curl_easy_strerror(rc);
+            long os_errno = 0;
+            curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno);
+            /* a handshake the peer cut short (reset, EOF: a restarting proxy) is an outage;
+             * a certificate or protocol mismatch is configuration, never degraded */
+            int cut_short = rc == CURLE_SSL_CONNECT_ERROR &&
+                            (os_errno != 0 || strstr(what, "SYSCALL") || strstr(what, "eof") ||
+                             strstr(what, "EOF"));
+            if (!cut_short && (rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
+                               rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_SSL_CERTPROBLEM)) {
                 code = fail(c, MECS_E_TLS,
                             "%s: TLS handshake failed: %s (check the URL's scheme and ca_file)", url, what);
                 break;
             }
-            if (rc == CURLE_URL_MALFORMAT || rc == CURLE_UNSUPPORTED_PROTOCOL) {
+            if (rc == CURLE_UNSUPPORTED_PROTOCOL || rc == CURLE_WEIRD_SERVER_REPLY) {
+                /* the URL was checked at connect: this is an answer that is not HTTP */
+                code = fail(c, MECS_E_PROTOCOL, "%s: an answer that is not HTTP: %s", url, what);
+                continue;
+            }
+            if (rc == CURLE_URL_MALFORMAT) {
                 code = fail(c, MECS_E_ARGUMENT, "url '%s': %s", c->url, what);
                 break;
             }
@@ -464,6 +515,11 @@ static char *read_key_file(mecs_client *c, const char *path) {
     char line[1024];
     char *got = fgets(line, sizeof line, f);
     fclose(f);
+    if (got && !strchr(line, '\n') && strlen(line) == sizeof line - 1) {
+        fail(c, MECS_E_ARGUMENT, "api_key_file %s: the key is longer than %zu bytes", path,
+             sizeof line - 2);
+        return NULL;
+    }
     size_t n = got ? strcspn(line, "\r\n") : 0;
     line[n] = '\0';
     while (n && isspace((unsigned char)line[n - 1])) line[--n] = '\0';
@@ -491,7 +547,7 @@ static int check_expectations(mecs_client *c, const mj_node *meta) {
     got[0] = '\0';
     for (int i = 0; i < c->rank; i++) {
         const mj_node *d = mj_at(shape, (size_t)i + 1);
-        if (!d || d->type != MJ_NUMBER || d->number < 1)
+        if (!whole(d, 1, 1e12) || (double)c->size * d->number > 1e12)
             return fail(c, MECS_E_PROTOCOL, "model '%s': the state shape in the metadata is not sizes", model);
         c->shape[i] = (int64_t)d->number;
         c->size *= c->shape[i];
@@ -573,9 +629,38 @@ static int check_expectations(mecs_client *c, const mj_node *meta) {
     return MECS_OK;
 }
 
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+static void global_init(void) { curl_global_init(CURL_GLOBAL_DEFAULT); }
+
+/* What a failed mecs_connect left behind, so that connecting again does not leak. */
+static void drop_connection(mecs_client *c) {
+    if (c->curl) curl_easy_cleanup(c->curl);
+    c->curl = NULL;
+    curl_slist_free_all(c->get_headers);
+    curl_slist_free_all(c->post_headers);
+    c->get_headers = c->post_headers = NULL;
+    if (c->auth_header) memset(c->auth_header, 0, strlen(c->auth_header));
+    free(c->auth_header);
+    free(c->infer_url);
+    free(c->metadata);
+    c->auth_header = c->infer_url = c->metadata = NULL;
+}
+
+static int connect_in_c_locale(mecs_client *c);
+
 int mecs_connect(mecs_client *c) {
     if (!c) return MECS_E_ARGUMENT;
     if (c->connected) return fail(c, MECS_E_STATE, "already connected");
+    drop_connection(c);
+    if (!c->c_locale) c->c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+    if (!c->c_locale) return fail(c, MECS_E_MEMORY, "cannot create the C locale");
+    locale_t previous = uselocale(c->c_locale);
+    int rc = connect_in_c_locale(c);
+    uselocale(previous);
+    return rc;
+}
+
+static int connect_in_c_locale(mecs_client *c) {
     if (!c->url || !c->model || !*c->model)
         return fail(c, MECS_E_ARGUMENT, "options url and model are needed");
     if (strncmp(c->url, "http://", 7) != 0 && strncmp(c->url, "https://", 8) != 0)
@@ -597,11 +682,7 @@ int mecs_connect(mecs_client *c) {
         if (!c->auth_header) return fail(c, MECS_E_MEMORY, "out of memory");
         c->get_headers = curl_slist_append(NULL, c->auth_header);
     }
-    static int global_done = 0;
-    if (!global_done) { /* not thread-safe by libcurl's own rule: the first open does it */
-        curl_global_init(CURL_GLOBAL_DEFAULT);
-        global_done = 1;
-    }
+    pthread_once(&global_once, global_init); /* once per process, whichever thread is first */
     CURL *h = c->curl = curl_easy_init();
     if (!h) return fail(c, MECS_E_MEMORY, "cannot create a libcurl handle");
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
@@ -614,6 +695,7 @@ int mecs_connect(mecs_client *c) {
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &c->response);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, c);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, c->curl_err);
     if (c->ca_file) curl_easy_setopt(h, CURLOPT_CAINFO, c->ca_file);
     char *name = curl_easy_escape(h, c->model, 0);
     if (!name) return fail(c, MECS_E_MEMORY, "out of memory");
@@ -643,7 +725,8 @@ int mecs_connect(mecs_client *c) {
         return rc;
     }
     char jerr[128];
-    mj_node *meta = mj_parse(c->response.data, c->response.len, jerr, sizeof jerr);
+    mj_node *meta = c->response.len ? mj_parse(c->response.data, c->response.len, jerr, sizeof jerr)
+                                    : (snprintf(jerr, sizeof jerr, "an empty body"), NULL);
     if (!meta || meta->type != MJ_OBJECT) {
         mj_free(meta);
         curl_free(name);
@@ -700,7 +783,7 @@ int mecs_open(mecs_client **out, const char *url, const char *model, const char 
 
 static int decode(mecs_client *c, int dtype, int64_t batch, void *correction) {
     long hlen = c->header_length;
-    if (hlen < 0 || (size_t)hlen > c->response.len)
+    if (hlen <= 0 || (size_t)hlen > c->response.len)
         return fail(c, MECS_E_PROTOCOL,
                     "POST %s: a 200 answer without a binary infer response (is a proxy answering "
                     "for the service?)", c->infer_url);
@@ -716,7 +799,7 @@ static int decode(mecs_client *c, int dtype, int64_t batch, void *correction) {
             found = o;
             break;
         }
-        if (size && size->type == MJ_NUMBER) offset += (size_t)size->number;
+        if (whole(size, 0, 1e15)) offset += (size_t)size->number;
     }
     const mj_node *size = mj_get(mj_get(found, "parameters"), "binary_data_size");
     const char *dt = mj_str(mj_get(found, "datatype"));
@@ -724,7 +807,7 @@ static int decode(mecs_client *c, int dtype, int64_t batch, void *correction) {
     long version = -1;
     if (!root) {
         rc = fail(c, MECS_E_PROTOCOL, "POST %s: the answer's JSON header is not JSON: %s", c->infer_url, jerr);
-    } else if (!found || !size || size->type != MJ_NUMBER || !dt) {
+    } else if (!found || !whole(size, 0, 1e15) || !dt) {
         rc = fail(c, MECS_E_PROTOCOL, "POST %s: the answer has no binary 'correction' output", c->infer_url);
     } else if (strcmp(dt, dtype_name(dtype)) != 0 || (size_t)size->number != want ||
                offset + want > c->response.len) {
@@ -744,35 +827,33 @@ static int decode(mecs_client *c, int dtype, int64_t batch, void *correction) {
 static int infer(mecs_client *c, const void *state, int dtype, int64_t batch, double dt,
                  void *correction) {
     char head[1024];
-    size_t off = 0;
+    size_t off = 0, cap = sizeof head;
     size_t bytes = (size_t)batch * (size_t)c->size * dtype_size(dtype);
-    off += (size_t)snprintf(head + off, sizeof head - off,
-                            "{\"inputs\":[{\"name\":\"state\",\"datatype\":\"%s\",\"shape\":[%lld",
-                            dtype_name(dtype), (long long)batch);
-    for (int i = 0; i < c->rank; i++)
-        off += (size_t)snprintf(head + off, sizeof head - off, ",%lld", (long long)c->shape[i]);
-    off += (size_t)snprintf(head + off, sizeof head - off,
-                            "],\"parameters\":{\"binary_data_size\":%zu}}],"
-                            "\"outputs\":[{\"name\":\"correction\",\"parameters\":{\"binary_data\":true}}]",
-                            bytes);
+    int ok = append(head, cap, &off,
+                    "{\"inputs\":[{\"name\":\"state\",\"datatype\":\"%s\",\"shape\":[%lld",
+                    dtype_name(dtype), (long long)batch);
+    for (int i = 0; i < c->rank; i++) ok = ok && append(head, cap, &off, ",%lld", (long long)c->shape[i]);
+    ok = ok && append(head, cap, &off,
+                      "],\"parameters\":{\"binary_data_size\":%zu}}],"
+                      "\"outputs\":[{\"name\":\"correction\",\"parameters\":{\"binary_data\":true}}]",
+                      bytes);
     long long reported = c->unreported < MAX_REPORTED ? c->unreported : MAX_REPORTED;
     if (dt > 0 || c->dt_unit || reported) {
-        off += (size_t)snprintf(head + off, sizeof head - off, ",\"parameters\":{");
         const char *sep = "";
-        if (dt > 0) {
-            off += (size_t)snprintf(head + off, sizeof head - off, "\"dt\":%.17g", dt);
+        ok = ok && append(head, cap, &off, ",\"parameters\":{");
+        if (dt > 0) { /* %.17g in the C locale (set by mecs_correct): a JSON number */
+            ok = ok && append(head, cap, &off, "\"dt\":%.17g", dt);
             sep = ",";
         }
-        if (c->dt_unit) { /* validated at mecs_set: letters and spaces only */
-            off += (size_t)snprintf(head + off, sizeof head - off, "%s\"dt_unit\":\"%s\"", sep, c->dt_unit);
+        if (c->dt_unit) { /* a canonical unit name: plain words */
+            ok = ok && append(head, cap, &off, "%s\"dt_unit\":\"%s\"", sep, c->dt_unit);
             sep = ",";
         }
-        if (reported)
-            off += (size_t)snprintf(head + off, sizeof head - off, "%s\"degraded_steps\":%lld", sep, reported);
-        off += (size_t)snprintf(head + off, sizeof head - off, "}");
+        if (reported) ok = ok && append(head, cap, &off, "%s\"degraded_steps\":%lld", sep, reported);
+        ok = ok && append(head, cap, &off, "}");
     }
-    off += (size_t)snprintf(head + off, sizeof head - off, "}");
-    if (off >= sizeof head) return fail(c, MECS_E_ARGUMENT, "request header too long");
+    ok = ok && append(head, cap, &off, "}");
+    if (!ok) return fail(c, MECS_E_ARGUMENT, "the request header does not fit in %zu bytes", cap);
     long status = 0;
     c->calls++;
     int rc = http(c, c->infer_url, head, off, state, bytes, &status);
@@ -803,9 +884,21 @@ static int degraded(mecs_client *c, int code, int dtype, int64_t batch, void *co
     return MECS_DEGRADED;
 }
 
+static int correct_in_c_locale(mecs_client *c, const void *state, int dtype, int64_t batch,
+                               double dt, void *correction);
+
 int mecs_correct(mecs_client *c, const void *state, int dtype, int64_t batch, double dt,
                  void *correction) {
     if (!c) return MECS_E_ARGUMENT;
+    if (!c->connected || !c->c_locale) return correct_in_c_locale(c, state, dtype, batch, dt, correction);
+    locale_t previous = uselocale(c->c_locale);
+    int rc = correct_in_c_locale(c, state, dtype, batch, dt, correction);
+    uselocale(previous);
+    return rc;
+}
+
+static int correct_in_c_locale(mecs_client *c, const void *state, int dtype, int64_t batch,
+                               double dt, void *correction) {
     if (!c->connected) return fail(c, MECS_E_STATE, "mecs_correct before a successful mecs_connect");
     if (!state || !correction || batch < 1)
         return fail(c, MECS_E_ARGUMENT, "mecs_correct: a state, a correction buffer and batch >= 1 are needed");
@@ -904,15 +997,10 @@ const char *mecs_status_name(int status) {
 
 void mecs_close(mecs_client *c) {
     if (!c) return;
-    if (c->curl) curl_easy_cleanup(c->curl);
-    curl_slist_free_all(c->get_headers);
-    curl_slist_free_all(c->post_headers);
-    if (c->auth_header) {
-        memset(c->auth_header, 0, strlen(c->auth_header));
-        free(c->auth_header);
-    }
+    drop_connection(c);
+    if (c->c_locale) freelocale(c->c_locale);
     char *strings[] = {c->url, c->model, c->api_key_env, c->api_key_file, c->ca_file, c->dt_unit,
-                       c->expect_dims, c->expect_fields, c->expect_units, c->infer_url, c->metadata};
+                       c->expect_dims, c->expect_fields, c->expect_units};
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) free(strings[i]);
     free(c->last);
     free(c->request.data);

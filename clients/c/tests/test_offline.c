@@ -1,5 +1,7 @@
 /* The client's checks that need no server: the JSON reader and option validation. */
+#define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "mecs_client.h"
@@ -49,6 +51,9 @@ static void test_options(void) {
     CHECK(mecs_set(c, "expect_dtype", "INT8") == MECS_E_ARGUMENT);
     CHECK(mecs_set(c, "dt_unit", "fortnight") == MECS_E_ARGUMENT && strstr(mecs_error_message(c), "fortnight"));
     CHECK(mecs_set(c, "dt_unit", "Hours") == MECS_OK);
+    /* a unit that would write JSON of its own into the request is refused */
+    CHECK(mecs_set(c, "dt_unit", "mtu                                                              \",\"x\":\"y") ==
+          MECS_E_ARGUMENT);
     CHECK(mecs_set(c, "version", "0") == MECS_E_ARGUMENT);
     CHECK(mecs_set(c, "colour", "blue") == MECS_E_ARGUMENT && strstr(mecs_error_message(c), "colour"));
     CHECK(mecs_correct(c, "", MECS_FP32, 1, 0, (void *)"") == MECS_E_STATE);
@@ -62,6 +67,13 @@ static void test_options(void) {
     mecs_close(c);
     c = NULL;
     CHECK(mecs_open(&c, "http://127.0.0.1:9", "m", "retries") == MECS_E_ARGUMENT);
+    mecs_close(c);
+    c = mecs_new(); /* connecting again after a failure (a service still starting) */
+    mecs_set(c, "url", "http://127.0.0.1:9");
+    mecs_set(c, "model", "m");
+    mecs_set(c, "retries", "0");
+    setenv("MECS_API_KEY", "k", 1);
+    CHECK(mecs_connect(c) == MECS_E_UNAVAILABLE && mecs_connect(c) == MECS_E_UNAVAILABLE);
     mecs_close(c);
     CHECK(strcmp(mecs_status_name(MECS_E_NOT_FOUND), "MECS_E_NOT_FOUND") == 0);
 }
