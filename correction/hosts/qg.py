@@ -22,7 +22,9 @@ RK4 keeps each step a function of the state alone, which a host needs (a step
 takes a state to the next, nothing else carried).
 
 The state is ``[..., 2, ny, nx]`` (layer, y, x), float64 inside whatever comes in;
-any leading dimensions are members. Lengths are metres, times seconds.
+any leading dimensions are members. Lengths are metres and the physics runs in
+seconds; the host's step ``dt`` (and so a correction's "per unit time") is in
+hours, the unit of the benchmark's time axis.
 """
 
 from __future__ import annotations
@@ -48,17 +50,21 @@ class TwoLayerQG:
     U1: float = 0.025  # upper layer background flow (m/s)
     U2: float = 0.0
     rek: float = 5.787e-7  # bottom drag (1/s), about 1/(20 days)
-    dt: float = 3600.0  # s
+    dt: float = 1.0  # hours (pyqg's dt = 3600 s): the host step in its time unit
     filterfac: float = 23.6
     cphi: float = 0.65 * math.pi
     name: str = "qg"
     differentiable: bool = True
-    time_unit: str = "second"
+    time_unit: str = "hour"  # the unit of dt and of per-unit-time corrections
     _ops: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
         return (2, self.nx, self.nx)
+
+    @property
+    def dt_seconds(self) -> float:
+        return self.dt * 3600.0
 
     @property
     def F1(self) -> float:
@@ -139,7 +145,7 @@ class TwoLayerQG:
         return self._tendency(q, advection_only=True)
 
     def tendency(self, q: torch.Tensor) -> torch.Tensor:
-        """``dq/dt`` of the full model (without the filter, which acts per step)."""
+        """``dq/dt`` (1/s per second) of the full model (the filter acts per step, not here)."""
         return self._tendency(q, advection_only=False)
 
     def _tendency(self, q: torch.Tensor, advection_only: bool) -> torch.Tensor:
@@ -162,7 +168,7 @@ class TwoLayerQG:
         x = to_tensor(x)
         check_state(self, x)
         q = x.to(torch.float64)
-        dt = self.dt
+        dt = self.dt_seconds
         k1 = self.tendency(q)
         k2 = self.tendency(q + 0.5 * dt * k1)
         k3 = self.tendency(q + 0.5 * dt * k2)

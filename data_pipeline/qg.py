@@ -1,0 +1,462 @@
+"""The 2-D benchmarks ``qg-eddy`` and ``qg-jet``: two-layer QG turbulence, subgrid model error.
+
+The truth is the two-layer model (:class:`correction.hosts.qg.TwoLayerQG`) at high
+resolution; the host is the same model at low resolution, so what the host lacks
+is the forcing of the scales it does not resolve (the subgrid forcing of Ross et
+al. 2023). Every truth state is coarse-grained to the host grid by spectral
+truncation (the wavenumbers the host grid resolves, its Nyquist row and column
+dropped) followed by the host's own small-scale filter, so that it is a state the
+host can represent. Analyses are the coarse-grained truth plus Gaussian noise of
+``obs_noise`` times each layer's standard deviation; an LETKF on sparse
+observations is not implemented (see docs/synth.md for its cost on 2 cores).
+
+Parameters and sources. The physics of both presets is pyqg's two-layer model
+(its documentation and defaults: ``L = 1000 km``, ``rd = 15 km``, ``H1 = 500 m``,
+``U1 = 2.5 cm/s``, ``U2 = 0``, ``filterfac = 23.6``, ``dt = 1 h``); the two
+configurations are those of Ross et al. (2023): ``eddy`` with pyqg's defaults
+``beta = 1.5e-11 1/(m s)``, ``delta = 0.25``, ``rek = 5.787e-7 1/s``, and ``jet``
+with ``beta = 1e-11``, ``delta = 0.1``, ``rek = 7e-8``; truth at 256^2 against a
+64^2 host, as in that paper. Spin-up: ``spinup_host_years`` on the host grid from
+small noise (cheap), then the state is interpolated spectrally to the truth grid
+and run ``spinup_truth_years`` more (the eddy configuration at 64^2 equilibrates in
+about four years, docs/synth.md).
+
+Times are hours (the host steps in hours). One ``SeedSequence`` feeds every draw,
+so a seed reproduces the stores byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from correction.hosts.qg import TwoLayerQG
+from correction.layout import ModelLayout
+from correction.storage import staged_directory, write_zarr
+
+from .config import ConfigError, read_settings_file
+
+HOURS_PER_YEAR = 24 * 365
+STORE_DTYPE = np.float32
+Q_ATTRS = {"long_name": "eddy potential vorticity", "units": "s-1"}
+TIME_ATTRS = {"long_name": "model time", "units": "hours"}
+
+
+@dataclass(frozen=True)
+class QGBenchmarkConfig:
+    """Settings of a two-layer QG benchmark (the defaults are ``qg-eddy``)."""
+
+    preset: str = "qg-eddy"
+    # physics (pyqg's two-layer model; Ross et al. 2023 for the eddy/jet values)
+    L: float = 1.0e6
+    beta: float = 1.5e-11
+    rd: float = 15000.0
+    delta: float = 0.25
+    H1: float = 500.0
+    U1: float = 0.025
+    U2: float = 0.0
+    rek: float = 5.787e-7
+    filterfac: float = 23.6
+    dt: float = 1.0  # hours, truth and host
+    # resolutions (Ross et al. 2023: 256^2 truth, 64^2 low resolution)
+    truth_nx: int = 256
+    host_nx: int = 64
+    # spin-up: on the host grid, then on the truth grid
+    spinup_host_years: float = 5.0
+    spinup_truth_years: float = 1.0
+    # the stored period, analyses every obs_interval hours
+    duration: float = 2.0 * HOURS_PER_YEAR
+    obs_interval: float = 6.0
+    analysis: str = "noisy-truth"
+    obs_noise: float = 0.02  # times each layer's standard deviation
+    # forecasts
+    test_fraction: float = 0.25
+    forecast_init_every: float = 240.0
+    forecast_lead_max: float = 720.0
+    archive_lead_max: float = 24.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("L", "rd", "H1", "delta", "dt", "duration", "obs_interval"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("rek", "beta", "obs_noise", "spinup_host_years", "spinup_truth_years"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("truth_nx", "host_nx"):
+            n = getattr(self, name)
+            if not isinstance(n, int) or n < 8 or n % 2:
+                raise ConfigError(f"{name} must be an even integer >= 8, got {n!r}")
+        if self.truth_nx % self.host_nx:
+            raise ConfigError(
+                f"truth_nx={self.truth_nx} must be a multiple of host_nx={self.host_nx}"
+            )
+        if self.analysis != "noisy-truth":
+            raise ConfigError(
+                f"analysis {self.analysis!r}: only 'noisy-truth' is implemented for the QG "
+                "benchmarks (an LETKF with 2-D localization is not)"
+            )
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        for name in ("obs_interval", "duration", "forecast_init_every", "forecast_lead_max"):
+            self.steps(getattr(self, name), name)
+        for name in ("duration", "forecast_init_every", "forecast_lead_max", "archive_lead_max"):
+            self.cycles(getattr(self, name), name)
+
+    def steps(self, hours: float, name: str) -> int:
+        """Host steps in ``hours``; it must be a whole number."""
+        n = round(hours / self.dt)
+        if n < 1 or abs(n * self.dt - hours) > 1e-9 * max(1.0, hours):
+            raise ConfigError(f"{name}={hours} is not a whole multiple of dt={self.dt}")
+        return n
+
+    def cycles(self, hours: float, name: str) -> int:
+        """Analysis intervals in ``hours``; it must be a whole number."""
+        n = round(hours / self.obs_interval)
+        if n < 1 or abs(n * self.obs_interval - hours) > 1e-9 * max(1.0, hours):
+            raise ConfigError(
+                f"{name}={hours} is not a whole multiple of obs_interval={self.obs_interval}"
+            )
+        return n
+
+    @property
+    def n_cycles(self) -> int:
+        return self.cycles(self.duration, "duration")
+
+    @property
+    def test_start(self) -> float:
+        return int(round(self.n_cycles * (1 - self.test_fraction))) * self.obs_interval
+
+    def increment_split(self) -> str:
+        test = self.test_start
+        return (
+            f"train=0:{0.85 * test:g},val={0.87 * test:g}:{test - self.obs_interval:g},"
+            f"test={test:g}:{self.duration:g}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+QG_PRESETS: dict[str, dict[str, Any]] = {
+    "qg-eddy": {},
+    "qg-jet": {"beta": 1.0e-11, "delta": 0.1, "rek": 7.0e-8, "spinup_host_years": 8.0},
+}
+
+# Small versions for tests and the quick demo: 64^2 -> 32^2, and four times the shear
+# (U1 = 10 cm/s), so that the flow is turbulent after a few months of spin-up instead
+# of the years the published configurations need.
+QG_QUICK: dict[str, Any] = {
+    "truth_nx": 64,
+    "host_nx": 32,
+    "U1": 0.1,
+    "spinup_host_years": 0.3,
+    "spinup_truth_years": 0.02,
+    "duration": 480.0,
+    "forecast_init_every": 48.0,
+    "forecast_lead_max": 96.0,
+}
+
+
+def load_qg_config(
+    preset: str = "qg-eddy", path: str | Path | None = None, quick: bool = False, **overrides: Any
+) -> QGBenchmarkConfig:
+    """Preset defaults, then ``--quick``, then a JSON/TOML file, then explicit overrides."""
+    if preset not in QG_PRESETS:
+        raise ConfigError(f"unknown QG preset {preset!r}; known: {sorted(QG_PRESETS)}")
+    values: dict[str, Any] = {"preset": preset, **QG_PRESETS[preset]}
+    if quick:
+        values.update(QG_QUICK)
+    if path is not None:
+        values.update(read_settings_file(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(QGBenchmarkConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
+    return QGBenchmarkConfig(**values)
+
+
+@dataclass(frozen=True)
+class QGBenchmark:
+    """The high-resolution truth, the low-resolution host, the coarse-graining, the layout."""
+
+    config: QGBenchmarkConfig
+
+    @classmethod
+    def of(cls, cfg: QGBenchmarkConfig | Mapping[str, Any]) -> QGBenchmark:
+        if isinstance(cfg, QGBenchmarkConfig):
+            return cls(cfg)
+        known = {f.name for f in dataclasses.fields(QGBenchmarkConfig)}
+        return cls(QGBenchmarkConfig(**{k: v for k, v in cfg.items() if k in known}))
+
+    def _model(self, nx: int) -> TwoLayerQG:
+        c = self.config
+        return TwoLayerQG(
+            nx=nx,
+            L=c.L,
+            beta=c.beta,
+            rd=c.rd,
+            delta=c.delta,
+            H1=c.H1,
+            U1=c.U1,
+            U2=c.U2,
+            rek=c.rek,
+            dt=c.dt,
+            filterfac=c.filterfac,
+            name="qg",
+        )
+
+    def truth_model(self) -> TwoLayerQG:
+        return self._model(self.config.truth_nx)
+
+    @property
+    def host_name(self) -> str:
+        return "qg"
+
+    def host_params(self) -> dict[str, Any]:
+        """Keyword arguments of the registered host (``make_host("qg", **params)``)."""
+        host = self.host()
+        names = ("nx", "L", "beta", "rd", "delta", "H1", "U1", "U2", "rek", "dt", "filterfac")
+        return {n: getattr(host, n) for n in names}
+
+    def host(self) -> TwoLayerQG:
+        return self._model(self.config.host_nx)
+
+    def layout(self) -> ModelLayout:
+        """One field ``q`` on levels ``lev`` (2) over the grid ``(y, x)``."""
+        n = self.config.host_nx
+        return ModelLayout(
+            ("q",),
+            {"q": ("lev", "y", "x")},
+            {"q": ("lev",)},
+            ("y", "x"),
+            {"lev": 2, "y": n, "x": n},
+            {"q": "s-1"},
+        )
+
+    def coarse_grain(self, q: torch.Tensor) -> torch.Tensor:
+        """Truth-grid PV ``[..., 2, N, N]`` -> host-grid PV ``[..., 2, n, n]``."""
+        return resample(q, self.config.host_nx, self.host().ops(q.device)["filter"])
+
+
+def resample(q: torch.Tensor, n: int, filtr: torch.Tensor | None = None) -> torch.Tensor:
+    """Spectral truncation (``n`` < N) or zero-padding (``n`` > N) of ``[..., N, N]`` fields
+    to ``n x n``, keeping grid-point amplitudes; the Nyquist row and column are dropped.
+    ``filtr`` (``[n, n//2 + 1]``) multiplies the result's spectrum (the host's filter)."""
+    big = q.shape[-1]
+    qh = torch.fft.rfft2(q.to(torch.float64))
+    m = min(big, n) // 2  # wavenumbers kept: |ky| < m, kx < m
+    out = torch.zeros((*q.shape[:-2], n, n // 2 + 1), dtype=qh.dtype, device=q.device)
+    out[..., :m, :m] = qh[..., :m, :m]
+    out[..., n - m + 1 :, :m] = qh[..., big - m + 1 :, :m]
+    out = out * (n / big) ** 2
+    if filtr is not None:
+        out = out * filtr
+    return torch.fft.irfft2(out, s=(n, n))
+
+
+# -- the generator --------------------------------------------------------------------
+def _run(model: TwoLayerQG, q: torch.Tensor, steps: int, desc: str, progress: bool):
+    with torch.inference_mode():
+        for _ in tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0, unit="h"):
+            q = model.step(q)
+    if not torch.isfinite(q).all():
+        raise FloatingPointError(f"{desc}: the QG model left the finite numbers")
+    return q
+
+
+def run_truth(cfg: QGBenchmarkConfig, rng: np.random.Generator, progress: bool = True):
+    """Coarse-grained truth ``[n_cycles + 1, 2, n, n]`` (float64) at every analysis time."""
+    bench = QGBenchmark(cfg)
+    host, truth = bench.host(), bench.truth_model()
+    n = cfg.host_nx
+    q = torch.from_numpy(1e-7 * rng.standard_normal((2, n, n)))
+    q = _run(host, q, round(cfg.spinup_host_years * HOURS_PER_YEAR / cfg.dt), "spin-up", progress)
+    q = resample(q, cfg.truth_nx)
+    q = _run(truth, q, round(cfg.spinup_truth_years * HOURS_PER_YEAR / cfg.dt), "spin-up", progress)
+    per = cfg.steps(cfg.obs_interval, "obs_interval")
+    out = np.empty((cfg.n_cycles + 1, 2, n, n))
+    with torch.inference_mode():
+        for i in tqdm(range(len(out)), desc="truth", disable=not progress, mininterval=1.0):
+            out[i] = bench.coarse_grain(q).numpy()
+            if i + 1 < len(out):
+                for _ in range(per):
+                    q = truth.step(q)
+    if not np.isfinite(out).all():
+        raise FloatingPointError("the QG truth left the finite numbers")
+    return out
+
+
+def host_forecasts(cfg: QGBenchmarkConfig, init: np.ndarray, lead_max: float) -> np.ndarray:
+    """Host forecasts ``[n_init, n_lead, 2, n, n]`` every ``obs_interval`` up to ``lead_max``."""
+    host = QGBenchmark(cfg).host()
+    per = cfg.steps(cfg.obs_interval, "obs_interval")
+    n_lead = cfg.cycles(lead_max, "lead_max") + 1
+    out = np.empty((init.shape[0], n_lead, *init.shape[1:]))
+    out[:, 0] = init
+    with torch.inference_mode():
+        x = torch.from_numpy(np.asarray(init, dtype=np.float64))
+        for lead in range(1, n_lead):
+            for _ in range(per):
+                x = host.step(x)
+            out[:, lead] = x.numpy()
+    return out
+
+
+def _coords(cfg: QGBenchmarkConfig) -> dict:
+    n = cfg.host_nx
+    dx = cfg.L / n
+    axis = (np.arange(n) + 0.5) * dx
+    return {
+        "lev": ("lev", np.array([1, 2]), {"long_name": "layer (1: upper)"}),
+        "y": ("y", axis, {"long_name": "meridional distance", "units": "m"}),
+        "x": ("x", axis, {"long_name": "zonal distance", "units": "m"}),
+    }
+
+
+def _attrs(cfg: QGBenchmarkConfig, title: str) -> dict:
+    return {
+        "Conventions": "CF-1.10",
+        "title": title,
+        "source": f"mecs synth, preset {cfg.preset}",
+        "benchmark_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "seed": cfg.seed,
+    }
+
+
+def _field(values: np.ndarray, dims: tuple[str, ...], title: str, coords: dict, cfg, **attrs):
+    return xr.Dataset(
+        {"q": (dims, values.astype(STORE_DTYPE), Q_ATTRS)},
+        coords=coords,
+        attrs={**_attrs(cfg, title), **attrs},
+    )
+
+
+def forecast_dataset(cfg: QGBenchmarkConfig, init_times: np.ndarray, fc: np.ndarray, title: str):
+    leads = np.round(np.arange(fc.shape[1]) * cfg.obs_interval, 10)
+    coords = {
+        "init_time": (
+            "init_time",
+            init_times,
+            {**TIME_ATTRS, "long_name": "forecast initial time"},
+        ),
+        "lead_time": ("lead_time", leads, {"long_name": "forecast lead time", "units": "hours"}),
+        **_coords(cfg),
+    }
+    ds = _field(fc, ("init_time", "lead_time", "lev", "y", "x"), title, coords, cfg)
+    ds.attrs["model"] = f"two-layer QG host at {cfg.host_nx}^2 (RK4)"
+    ds.coords["valid_time"] = (
+        ("init_time", "lead_time"),
+        np.round(init_times[:, None] + leads[None, :], 10),
+        {"long_name": "forecast valid time", "units": "hours"},
+    )
+    return ds
+
+
+def generate_qg(
+    cfg: QGBenchmarkConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+):
+    """Build the QG benchmark's stores under ``out`` (atomically: all or nothing)."""
+    from .synth import SynthResult
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    rng_truth, rng_noise = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2)
+    )
+    n = cfg.host_nx
+    chunk = {"q": {"chunks": (256, 2, n, n)}}
+    with staged_directory(out, overwrite=overwrite) as stage:
+        truth = run_truth(cfg, rng_truth, progress)
+        times = np.round(np.arange(len(truth)) * cfg.obs_interval, 10)
+        layer_std = truth.std(axis=(0, 2, 3), keepdims=True)
+        noise = cfg.obs_noise * layer_std * rng_noise.standard_normal(truth.shape)
+        analyses = truth + noise
+        a_rmse = float(np.sqrt(np.mean((analyses - truth) ** 2)))
+        coords = {"time": ("time", times, TIME_ATTRS), **_coords(cfg)}
+        dims = ("time", "lev", "y", "x")
+        write_zarr(
+            _field(
+                truth,
+                dims,
+                "coarse-grained two-layer QG truth",
+                coords,
+                cfg,
+                coarse_graining=f"spectral truncation {cfg.truth_nx}^2 -> {n}^2, host filter",
+            ),
+            stage / "truth.zarr",
+            encoding=chunk,
+        )
+        method = f"coarse-grained truth plus Gaussian noise ({cfg.obs_noise} x layer std)"
+        write_zarr(
+            _field(
+                analyses,
+                dims,
+                "analyses of q",
+                coords,
+                cfg,
+                analysis_method=method,
+                rmse_vs_truth=a_rmse,
+                test_start=cfg.test_start,
+            ),
+            stage / "analyses.zarr",
+            encoding=chunk,
+        )
+        archive = host_forecasts(cfg, analyses, cfg.archive_lead_max)
+        write_zarr(
+            forecast_dataset(cfg, times, archive, "host forecast archive"),
+            stage / "forecasts_archive.zarr",
+            encoding={"q": {"chunks": (256, archive.shape[1], 2, n, n)}},
+        )
+        stride = cfg.cycles(cfg.forecast_init_every, "forecast_init_every")
+        first = int(round(cfg.test_start / cfg.obs_interval))
+        n_lead = cfg.cycles(cfg.forecast_lead_max, "forecast_lead_max")
+        idx = np.arange(first, len(times) - n_lead, stride)
+        if len(idx) == 0:
+            raise ConfigError("the test period is shorter than forecast_lead_max: no forecasts")
+        long_fc = host_forecasts(cfg, analyses[idx], cfg.forecast_lead_max)
+        write_zarr(
+            forecast_dataset(cfg, times[idx], long_fc, "host forecasts, test period"),
+            stage / "forecasts.zarr",
+            encoding={"q": {"chunks": (16, long_fc.shape[1], 2, n, n)}},
+        )
+        summary = {
+            "config": cfg.to_dict(),
+            "stores": ["truth.zarr", "analyses.zarr", "forecasts_archive.zarr", "forecasts.zarr"],
+            "test_start": cfg.test_start,
+            "analysis_rmse": a_rmse,
+            "layer_std": layer_std.ravel().tolist(),
+        }
+        (stage / "config.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    wall = time.perf_counter() - t0
+    log(f"analysis RMSE vs truth {a_rmse:.3e} 1/s (layer std {layer_std.ravel().tolist()})")
+    return SynthResult(out=out, analysis_rmse=a_rmse, obs_rmse=a_rmse, wall_time=wall)
+
+
+__all__ = [
+    "QGBenchmark",
+    "QGBenchmarkConfig",
+    "QG_PRESETS",
+    "QG_QUICK",
+    "generate_qg",
+    "load_qg_config",
+    "resample",
+]

@@ -1,0 +1,187 @@
+"""The qg-eddy / qg-jet benchmarks: presets, coarse-graining, stores, the increment pipeline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from correction.hosts import make_host
+from correction.storage import open_zarr
+from data_pipeline.config import ConfigError
+from data_pipeline.qg import QG_PRESETS, QGBenchmark, generate_qg, load_qg_config, resample
+
+
+@pytest.fixture(scope="module")
+def quick_qg(tmp_path_factory):
+    cfg = load_qg_config("qg-eddy", quick=True, duration=480.0, forecast_lead_max=48.0)
+    out = tmp_path_factory.mktemp("qg") / "bench"
+    generate_qg(cfg, out, progress=False, log=lambda _: None)
+    return cfg, out
+
+
+def test_presets_state_the_published_parameters():
+    eddy, jet = load_qg_config("qg-eddy"), load_qg_config("qg-jet")
+    assert (eddy.beta, eddy.delta, eddy.rek) == (1.5e-11, 0.25, 5.787e-7)
+    assert (jet.beta, jet.delta, jet.rek) == (1.0e-11, 0.1, 7.0e-8)
+    for cfg in (eddy, jet):
+        assert (cfg.truth_nx, cfg.host_nx, cfg.dt) == (256, 64, 1.0)
+        assert (cfg.L, cfg.rd, cfg.H1, cfg.U1, cfg.U2) == (1.0e6, 15000.0, 500.0, 0.025, 0.0)
+    assert set(QG_PRESETS) == {"qg-eddy", "qg-jet"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"truth_nx": 100, "host_nx": 64}, "multiple of host_nx"),
+        ({"host_nx": 7}, "even integer"),
+        ({"analysis": "letkf"}, "only 'noisy-truth'"),
+        ({"obs_interval": 2.5}, "whole multiple of dt"),
+        ({"colour": 1}, "unknown setting"),
+    ],
+)
+def test_bad_settings_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_qg_config("qg-eddy", **overrides)
+
+
+def test_coarse_graining_of_a_band_limited_field_is_sampling():
+    """A field with only modes the coarse grid resolves: truncation equals evaluating it on
+    the coarse grid; zero-padding back up and truncating again is the identity."""
+    big, small, L = 64, 16, 1.0e6
+
+    def field(n):
+        x = (torch.arange(n, dtype=torch.float64) + 0.0) * (L / n)
+        k = 2 * math.pi / L
+        f = torch.cos(3 * k * x)[None, :] * torch.sin(2 * k * x)[:, None]
+        return torch.stack([f, 0.5 * torch.cos(5 * k * x)[:, None] + 0 * x[None, :]])
+
+    torch.testing.assert_close(resample(field(big), small), field(small), atol=1e-12, rtol=0)
+    coarse = field(small)
+    torch.testing.assert_close(resample(resample(coarse, big), small), coarse, atol=1e-12, rtol=0)
+
+
+def test_coarse_graining_removes_the_scales_the_host_cannot_hold():
+    cfg = load_qg_config("qg-eddy", quick=True)
+    bench = QGBenchmark(cfg)
+    g = torch.Generator().manual_seed(0)
+    q = 1e-6 * torch.randn(2, cfg.truth_nx, cfg.truth_nx, generator=g, dtype=torch.float64)
+    coarse = bench.coarse_grain(q)
+    assert coarse.shape == (2, cfg.host_nx, cfg.host_nx)
+    spec = torch.fft.rfft2(coarse).abs()
+    assert spec[:, cfg.host_nx // 2, :].max() < 1e-12 * spec.max()  # the Nyquist row is empty
+    # and a host step keeps it (nearly) empty: the filter removes what the products alias there
+    again = torch.fft.rfft2(bench.host().step(coarse)).abs()
+    assert again[:, cfg.host_nx // 2, :].max() < 1e-10 * again.max()
+
+
+def test_the_stores_and_their_layout(quick_qg):
+    cfg, out = quick_qg
+    a = open_zarr(out / "analyses.zarr")
+    assert a["q"].dims == ("time", "lev", "y", "x") and a["q"].shape[1:] == (2, 32, 32)
+    assert a["time"].attrs["units"] == "hours" and a["q"].attrs["units"] == "s-1"
+    assert len(a["time"]) == cfg.n_cycles + 1
+    f = open_zarr(out / "forecasts_archive.zarr")
+    assert f["q"].dims == ("init_time", "lead_time", "lev", "y", "x")
+    np.testing.assert_allclose(f["q"].values[:, 0], a["q"].values)  # lead 0 is the analysis
+    t = open_zarr(out / "truth.zarr")["q"].values
+    noise = a["q"].values - t
+    std = t.std(axis=(0, 2, 3))
+    np.testing.assert_allclose(noise.std(axis=(0, 2, 3)) / std, cfg.obs_noise, rtol=0.1)
+    assert np.abs(t).max() > 0 and np.isfinite(t).all()
+
+
+def test_the_host_lacks_the_subgrid_forcing(quick_qg):
+    """Host forecasts from the coarse-grained truth drift from it: the model error exists
+    (a host as good as the truth would stay within the noise)."""
+    cfg, out = quick_qg
+    bench = QGBenchmark(cfg)
+    t = open_zarr(out / "truth.zarr")["q"].values.astype(np.float64)
+    per = cfg.steps(cfg.obs_interval, "obs_interval")
+    x = torch.from_numpy(t[:-4])
+    host = bench.host()
+    for _ in range(4 * per):
+        x = host.step(x)
+    err = np.sqrt(((x.numpy() - t[4:]) ** 2).mean())
+    assert err > 0.05 * t.std()
+
+
+def test_the_same_seed_gives_the_same_bytes(quick_qg, tmp_path):
+    cfg, out = quick_qg
+    generate_qg(cfg, tmp_path / "again", progress=False, log=lambda _: None)
+    for store in ("truth.zarr", "analyses.zarr", "forecasts_archive.zarr", "forecasts.zarr"):
+        a = open_zarr(out / store)["q"].values
+        b = open_zarr(tmp_path / "again" / store)["q"].values
+        assert a.tobytes() == b.tobytes(), store
+    from data_pipeline.qg import run_truth
+
+    short = load_qg_config(
+        "qg-eddy",
+        quick=True,
+        spinup_host_years=0.0,
+        duration=24.0,
+        forecast_init_every=6.0,
+        forecast_lead_max=6.0,
+    )
+    draws = [run_truth(short, np.random.default_rng(s), progress=False) for s in (0, 0, 1)]
+    assert draws[0].tobytes() == draws[1].tobytes() != draws[2].tobytes()
+
+
+def test_increments_on_the_2d_fields(quick_qg, tmp_path):
+    from data_pipeline import build_increments
+
+    cfg, out = quick_qg
+    inc = tmp_path / "inc.zarr"
+    build_increments(
+        out / "analyses.zarr",
+        out / "forecasts_archive.zarr",
+        cfg.obs_interval,
+        inc,
+        split=cfg.increment_split(),
+    )
+    ds = open_zarr(inc)
+    target = [v for v in ds.data_vars if "q" in v]
+    assert target, list(ds.data_vars)
+    assert {"lev", "y", "x"} <= set(ds[target[0]].dims)
+
+
+def test_the_registered_host_matches_the_benchmark():
+    bench = QGBenchmark(load_qg_config("qg-jet", quick=True))
+    host = make_host("qg", **bench.host_params())
+    assert host == bench.host() and host.state_shape == (2, 32, 32)
+    assert bench.layout().state_shape == (2, 32, 32)
+
+
+def test_mecs_synth_builds_a_qg_preset(tmp_path, capsys):
+    from mecs.cli import main
+
+    out = tmp_path / "s"
+    code = main(
+        [
+            "synth",
+            "--preset",
+            "qg-jet",
+            "--quick",
+            "--duration",
+            "240",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--config",
+            str(_write(tmp_path / "c.json", '{"forecast_lead_max": 48.0}')),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert open_zarr(out / "analyses.zarr")["q"].shape[1:] == (2, 32, 32)
+    assert (
+        main(["synth", "--preset", "qg-jet", "--analysis", "letkf", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "only 'noisy-truth'" in capsys.readouterr().err
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
