@@ -62,4 +62,15 @@ class L96Benchmark:
         return x + self.config.obs_sigma * rng.standard_normal(x.shape)
 
 
-__all__ = ["L96Benchmark"]
+def benchmark_of(cfg: Any) -> Any:
+    """The benchmark of a config object or a synth directory's ``config`` dict: the 2-D
+    QG benchmarks (:class:`data_pipeline.qg.QGBenchmark`) by their preset, else l96."""
+    from .qg import QG_PRESETS, QGBenchmark, QGBenchmarkConfig
+
+    preset = cfg.get("preset") if isinstance(cfg, Mapping) else getattr(cfg, "preset", None)
+    if isinstance(cfg, QGBenchmarkConfig) or preset in QG_PRESETS:
+        return QGBenchmark.of(cfg)
+    return L96Benchmark.of(cfg)
+
+
+__all__ = ["L96Benchmark", "benchmark_of"]

@@ -322,7 +322,11 @@ def _coords(cfg: QGBenchmarkConfig) -> dict:
     dx = cfg.L / n
     axis = (np.arange(n) + 0.5) * dx
     return {
-        "lev": ("lev", np.array([1, 2]), {"long_name": "layer (1: upper)"}),
+        "lev": (
+            "lev",
+            np.array([1, 2]),
+            {"long_name": "layer (1: upper)", "axis": "Z", "positive": "down"},
+        ),
         "y": ("y", axis, {"long_name": "meridional distance", "units": "m"}),
         "x": ("x", axis, {"long_name": "zonal distance", "units": "m"}),
     }

@@ -50,7 +50,7 @@ def load_analyses(
     else ``variables`` (comma-separated) or, in a benchmark store, ``variable``.
     Datetime64 times are counted in ``time_unit`` (the host's; hours by default).
     """
-    from data_pipeline.benchmarks import L96Benchmark
+    from data_pipeline.benchmarks import benchmark_of
     from data_pipeline.increments import InputError, open_input
     from data_pipeline.increments.base import TIME
     from data_pipeline.increments.inputs import parse_renames
@@ -63,7 +63,7 @@ def load_analyses(
         source = path / "analyses.zarr"
         summary = json.loads((path / "config.json").read_text())
         c = summary["config"]
-        host_params = L96Benchmark.of(c).host_params()
+        host_params = benchmark_of(c).host_params()
         test_start = float(summary["test_start"])
     try:
         ds, _ = open_input(source, "analyses", TIME, parse_renames(dims, "--dims"))
