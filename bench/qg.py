@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 from bench.common import DATA, RESULTS  # noqa: E402
 
 MODES = ("one-step", "unrolled", "emulator", "hybrid", "differentiable")
-LEADS_H = (24, 120, 240, 720)
 
 
 def _cli(argv: list[str]) -> None:
@@ -165,79 +164,26 @@ def corrections(repo: Path, host) -> dict:
 
 def evaluate(root: Path, cfg, repo: Path, args) -> dict:
     from correction import artifacts
-    from correction.evaluation import qg_metrics as m
-    from correction.storage import open_zarr
+    from correction.evaluation.qg_experiment import evaluate_corrections
     from data_pipeline.qg import QGBenchmark
 
     host = QGBenchmark(cfg).host()
-    truth_ds = open_zarr(root / "bench" / "truth.zarr")
-    truth = truth_ds["q"].values.astype(np.float64)
-    times = truth_ds["time"].values
-    ana = open_zarr(root / "bench" / "analyses.zarr")["q"].values.astype(np.float64)
-    first = int(np.searchsorted(times, cfg.test_start))
-    per = cfg.steps(cfg.obs_interval, "obs_interval")
-    n_lead = cfg.cycles(cfg.forecast_lead_max, "forecast_lead_max")
-    stride = cfg.cycles(cfg.forecast_init_every, "forecast_init_every")
-    inits = np.arange(first, len(times) - n_lead, stride)[: args.forecast_inits]
-    clim = truth.mean(axis=0)
-    daily = truth[:: max(1, round(24 / cfg.obs_interval))]
-    truth_spec = m.isotropic_spectra(host, daily)
-    truth_energy = m.energy_budget(host, daily)
-    free_steps = int(args.free_days * 24 / cfg.dt)
-    free_starts = inits[: args.free_members] if len(inits) else np.array([first])
-    results = {}
-    for label, corr in corrections(repo, host).items():
-        t0 = time.perf_counter()
-        row: dict = {}
-        kept, blew = m.free_run(host, corr, ana[inits], n_lead * per, per)
-        if blew is None:
-            fc = np.concatenate([ana[inits][:, None], kept.transpose(1, 0, 2, 3, 4)], axis=1)
-            tv = np.stack([truth[i : i + n_lead + 1] for i in inits])
-            skill = m.rmse_acc_by_lead(fc, tv, clim)
-            for lead in LEADS_H:
-                j = lead // int(cfg.obs_interval)
-                if j <= n_lead:
-                    row[f"rmse_{lead}h"] = skill["rmse"][j].tolist()
-                    row[f"acc_{lead}h"] = skill["acc"][j].tolist()
-        else:
-            row["forecasts"] = f"blew up at step {blew}"
-        run, blew = m.free_run(host, corr, ana[free_starts], free_steps, 24)
-        row["free_run"] = m.stability(host, run, blew, truth_energy["total"])
-        if blew is None and len(run):
-            tail = run[len(run) // 2 :].reshape(-1, *run.shape[-3:])
-            spec = m.isotropic_spectra(host, tail)
-            row["ke_spectral_error"] = m.spectral_error(spec["ke"], truth_spec["ke"])
-            row["enstrophy_spectral_error"] = m.spectral_error(
-                spec["enstrophy"], truth_spec["enstrophy"]
-            )
-            row["energy"] = m.energy_budget(host, tail)
-            row["distribution"] = m.distribution_distances(host, tail, daily)
-        if label not in ("none", "smagorinsky"):
-            v = 1 if label == "offline" else 2 + MODES.index(label)
-            row["val_loss_a_posteriori"] = (
-                artifacts.read_config(repo / "qg" / str(v))
-                .get("metrics", {})
-                .get("val_loss_a_posteriori")
-            )
-        row["eval_s"] = round(time.perf_counter() - t0, 1)
-        results[label] = row
-        print(f"  {label}: {json.dumps(_brief(row))}", flush=True)
-    none = results["none"].get("distribution", {}).get("mean")
-    for row in results.values():
-        d = row.get("distribution", {}).get("mean")
-        if none and d is not None:
-            row["similarity_to_truth"] = 1 - d / none
-    results["truth_energy"] = truth_energy
+    results = evaluate_corrections(
+        root / "bench",
+        cfg,
+        corrections(repo, host),
+        free_days=args.free_days,
+        free_members=args.free_members,
+        forecast_inits=args.forecast_inits,
+    )
+    for label, row in results.items():
+        if label.startswith("_") or label in ("none", "smagorinsky"):
+            continue
+        v = 1 if label == "offline" else 2 + MODES.index(label)
+        metrics = artifacts.read_config(repo / "qg" / str(v)).get("metrics") or {}
+        row["val_loss_a_posteriori"] = metrics.get("val_loss_a_posteriori")
+    results.pop("_truth")
     return results
-
-
-def _brief(row: dict) -> dict:
-    keys = ("rmse_120h", "acc_120h", "ke_spectral_error", "similarity_to_truth")
-    out = {k: row[k] for k in keys if k in row}
-    out["free_run"] = row["free_run"]["status"]
-    if "distribution" in row:
-        out["distribution"] = round(row["distribution"]["mean"], 4)
-    return out
 
 
 def findings(per_seed: list[dict]) -> dict:
@@ -288,7 +234,7 @@ def table(report: dict) -> str:
             "distribution dist. | similarity | val loss |"
         )
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        labels = [k for k in res["seeds"][0] if k != "truth_energy"]
+        labels = list(res["seeds"][0])
         for label in labels:
             rows = [s[label] for s in res["seeds"]]
 

@@ -41,3 +41,30 @@ def test_quick_demo_end_to_end(tmp_path):
         timeout=300,
     )
     assert again.returncode == 0 and again.stdout.count("reusing") == 7
+
+
+def test_quick_qg_demo_end_to_end(tmp_path):
+    """``mecs demo --preset qg-eddy --quick``: the chain on the 2-D benchmark, with its
+    table and plots in the report."""
+    out = tmp_path / "qg"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mecs", "demo", "--preset", "qg-eddy", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())["results"]
+    for label in ("none", "smagorinsky", "offline", "online"):
+        row = re.search(rf"^\| {label} \| ([0-9.e+-]+) \|", report, re.M)
+        assert row, label
+        assert float(row.group(1)) == float(f"{metrics[label]['rmse_24h'][0]:.3g}")
+        assert metrics[label]["free_run"]["status"] in ("stable", "drifted") or metrics[label][
+            "free_run"
+        ]["status"].startswith("blew up")
+    assert metrics["none"]["similarity_to_truth"] == 0.0
+    service = json.loads((out / "forecasts" / "service.json").read_text())
+    assert service["ensemble"]["members"] == 8 and service["single"]["degraded_steps"] == 0
+    for png in ("qg_snapshots", "qg_spectra_pdfs_rmse"):
+        assert (out / "evaluation" / f"{png}.png").stat().st_size > 5000
