@@ -162,7 +162,10 @@ def free_run(
 
 
 def stability(
-    host: TwoLayerQG, run: np.ndarray, blew_up_at: int | None, truth_energy: float,
+    host: TwoLayerQG,
+    run: np.ndarray,
+    blew_up_at: int | None,
+    truth_energy: float,
     drift_factor: float = 3.0,
 ) -> dict[str, Any]:
     """``stable`` / ``blew up at step N`` / ``drifted`` (energy beyond ``drift_factor``x)."""
