@@ -184,19 +184,33 @@ def load_config(
     **overrides: Any,
 ) -> BenchmarkConfig:
     """Preset defaults, then ``--quick``, then a JSON/TOML file, then explicit overrides."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    return layered_config(BenchmarkConfig, PRESETS, QUICK, preset, path, quick, overrides)
+
+
+def layered_config(
+    cls: type,
+    presets: dict[str, dict[str, Any]],
+    quick_values: dict[str, Any],
+    preset: str,
+    path: str | Path | None,
+    quick: bool,
+    overrides: dict[str, Any],
+) -> Any:
+    """A benchmark config of ``cls``: preset, ``quick``, file, overrides (``None`` skipped);
+    unknown names are a :class:`ConfigError` listing the known ones."""
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r}; known presets: {sorted(presets)}")
+    values: dict[str, Any] = {"preset": preset, **presets[preset]}
     if quick:
-        values.update(QUICK)
+        values.update(quick_values)
     if path is not None:
         values.update(read_settings_file(path))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
-    return BenchmarkConfig(**values)
+    return cls(**values)
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from correction.hosts.qg import TwoLayerQG
 from correction.layout import ModelLayout
 from correction.storage import staged_directory, write_zarr
 
-from .config import ConfigError, read_settings_file
+from .config import ConfigError, layered_config
 
 HOURS_PER_YEAR = 24 * 365
 STORE_DTYPE = np.float32
@@ -175,19 +175,7 @@ def load_qg_config(
     preset: str = "qg-eddy", path: str | Path | None = None, quick: bool = False, **overrides: Any
 ) -> QGBenchmarkConfig:
     """Preset defaults, then ``--quick``, then a JSON/TOML file, then explicit overrides."""
-    if preset not in QG_PRESETS:
-        raise ConfigError(f"unknown QG preset {preset!r}; known: {sorted(QG_PRESETS)}")
-    values: dict[str, Any] = {"preset": preset, **QG_PRESETS[preset]}
-    if quick:
-        values.update(QG_QUICK)
-    if path is not None:
-        values.update(read_settings_file(path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(QGBenchmarkConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; known settings: {sorted(known)}")
-    return QGBenchmarkConfig(**values)
+    return layered_config(QGBenchmarkConfig, QG_PRESETS, QG_QUICK, preset, path, quick, overrides)
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,31 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> None:
         print(f"    {line}")
 
 
+def build_increments_stage(synth_dir: Path, cfg: Any, inc: Path) -> None:
+    """The increment stage of a demo: the benchmark's window and split, a local cluster."""
+    from data_pipeline import build_increments
+
+    report = build_increments(
+        synth_dir / "analyses.zarr",
+        synth_dir / "forecasts_archive.zarr",
+        cfg.obs_interval,
+        inc,
+        split=cfg.increment_split(),
+        scheduler="local",
+        overwrite=True,
+    )
+    for line in report.summary().splitlines():
+        print(f"    {line}")
+
+
+def pretrain_stage(inc: Path, repo: Path, model: str, settings: dict[str, Any]) -> None:
+    """The offline pretraining stage of a demo."""
+    from correction.training.pretrain import PretrainConfig, pretrain
+
+    res = pretrain(inc, repo, model, PretrainConfig.from_dict(settings), progress=False)
+    print(f"    best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+
+
 def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool = False) -> int:
     """Run the chain and write ``out/report.md``; returns the exit code."""
     import torch
@@ -207,8 +232,6 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     from correction.inference import Corrector
     from correction.training.emulator import EmulatorConfig, train_emulator
     from correction.training.finetune import FinetuneConfig, finetune
-    from correction.training.pretrain import PretrainConfig, pretrain
-    from data_pipeline import build_increments
     from data_pipeline.benchmarks import L96Benchmark
     from data_pipeline.config import load_config
     from data_pipeline.synth import generate
@@ -232,24 +255,12 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     )
 
     def increments() -> None:
-        split = cfg.increment_split()
-        report = build_increments(
-            synth_dir / "analyses.zarr",
-            synth_dir / "forecasts_archive.zarr",
-            cfg.obs_interval,
-            inc,
-            split=split,
-            scheduler="local",
-            overwrite=True,
-        )
-        for line in report.summary().splitlines():
-            print(f"    {line}")
+        build_increments_stage(synth_dir, cfg, inc)
 
     stages.run("increment store on a local dask cluster (mecs increments)", inc, increments)
 
     def offline() -> None:
-        res = pretrain(inc, repo, MODEL, PretrainConfig.from_dict(plan.pretrain), progress=False)
-        print(f"    best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+        pretrain_stage(inc, repo, MODEL, plan.pretrain)
 
     stages.run("offline pretraining (mecs pretrain)", repo / MODEL / "1" / "config.json", offline)
 

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .demo import ServiceProcess, Stages, _forecast_figures, _run_cli
+from .demo import (
+    ServiceProcess,
+    Stages,
+    _forecast_figures,
+    _run_cli,
+    build_increments_stage,
+    pretrain_stage,
+)
 
 MODEL = "qg"
 NETWORK = {"network": "stencil-cnn", "params": {"hidden": 32, "depth": 3, "kernel": 5}}
@@ -97,8 +104,6 @@ def run_qg_demo(
     from correction.storage import open_zarr
     from correction.training.emulator import EmulatorConfig, train_emulator
     from correction.training.finetune import FinetuneConfig, finetune
-    from correction.training.pretrain import PretrainConfig, pretrain
-    from data_pipeline import build_increments
     from data_pipeline.qg import QGBenchmark, generate_qg, load_qg_config
 
     torch.set_num_threads(1)
@@ -121,23 +126,12 @@ def run_qg_demo(
     )
 
     def increments() -> None:
-        report = build_increments(
-            synth_dir / "analyses.zarr",
-            synth_dir / "forecasts_archive.zarr",
-            cfg.obs_interval,
-            inc,
-            split=cfg.increment_split(),
-            scheduler="local",
-            overwrite=True,
-        )
-        for line in report.summary().splitlines():
-            print(f"    {line}")
+        build_increments_stage(synth_dir, cfg, inc)
 
     stages.run("increments on (lev, y, x), local dask cluster (mecs increments)", inc, increments)
 
     def offline() -> None:
-        res = pretrain(inc, repo, MODEL, PretrainConfig.from_dict(plan.pretrain), progress=False)
-        print(f"    best validation loss {res.best_val_loss:.4f} at epoch {res.best_epoch}")
+        pretrain_stage(inc, repo, MODEL, plan.pretrain)
 
     stages.run("offline pretraining (mecs pretrain)", repo / MODEL / "1" / "config.json", offline)
     ana_ds = open_zarr(synth_dir / "analyses.zarr")

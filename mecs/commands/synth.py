@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
                 analysis=args.analysis,
                 duration=args.duration,
             )
-            generate = generate_qg  # noqa: F811 - the 2-D benchmark's generator
+            make = generate_qg
         else:
+            make = generate
             cfg = load_config(
                 args.preset,
                 args.config,
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         check_destination(Path(args.out), args.overwrite)
     except (ConfigError, OutputExistsError) as err:
         raise UsageError(f"mecs synth: {err}") from None
-    result = generate(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    result = make(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"synth: wrote {result.out.resolve()} in {result.wall_time:.1f} s")
     return 0
 
