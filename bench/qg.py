@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import DATA, RESULTS  # noqa: E402
 
+PER_SEED = RESULTS / "qg"
 MODES = ("one-step", "unrolled", "emulator", "hybrid", "differentiable")
 
 
@@ -147,7 +148,7 @@ def train(root: Path, args) -> dict:
     return {"repository": repo, "times": times}
 
 
-def corrections(repo: Path, host) -> dict:
+def corrections(repo: Path, host, caps: tuple[float, ...] = ()) -> dict:
     from correction import artifacts
     from correction.corrections import ZeroCorrection
     from correction.guardrails import GuardedCorrection
@@ -159,6 +160,13 @@ def corrections(repo: Path, host) -> dict:
         cfg = artifacts.read_config(repo / "qg" / str(v))
         label = "offline" if v == 1 else cfg["training"]["mode"]
         out[label] = GuardedCorrection(Corrector.load(repo, "qg", v), cap_std=None)
+    # the same networks behind the service's magnitude cap (mean +/- k std of the
+    # training increments, per layer): does a tighter guard keep free runs stable?
+    for k in caps:
+        for v in artifacts.list_versions(repo, "qg"):
+            cfg = artifacts.read_config(repo / "qg" / str(v))
+            label = "offline" if v == 1 else cfg["training"]["mode"]
+            out[f"{label} cap{k:g}"] = GuardedCorrection(Corrector.load(repo, "qg", v), cap_std=k)
     return out
 
 
@@ -171,7 +179,7 @@ def evaluate(root: Path, cfg, repo: Path, args) -> dict:
     results = evaluate_corrections(
         root / "bench",
         cfg,
-        corrections(repo, host),
+        corrections(repo, host, args.caps),
         free_days=args.free_days,
         free_members=args.free_members,
         forecast_inits=args.forecast_inits,
@@ -179,7 +187,8 @@ def evaluate(root: Path, cfg, repo: Path, args) -> dict:
     for label, row in results.items():
         if label.startswith("_") or label in ("none", "smagorinsky"):
             continue
-        v = 1 if label == "offline" else 2 + MODES.index(label)
+        base = label.split(" cap")[0]
+        v = 1 if base == "offline" else 2 + MODES.index(base)
         metrics = artifacts.read_config(repo / "qg" / str(v)).get("metrics") or {}
         row["val_loss_a_posteriori"] = metrics.get("val_loss_a_posteriori")
     results.pop("_truth")
@@ -234,9 +243,11 @@ def table(report: dict) -> str:
             "distribution dist. | similarity | val loss |"
         )
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        labels = list(res["seeds"][0])
+        labels = list(
+            dict.fromkeys(k for s in res["seeds"] for k, v in s.items() if "free_run" in v)
+        )
         for label in labels:
-            rows = [s[label] for s in res["seeds"]]
+            rows = [s[label] for s in res["seeds"] if label in s]
 
             def stat(get, rows=rows):
                 vals = [get(r) for r in rows]
@@ -246,8 +257,9 @@ def table(report: dict) -> str:
                 return f"{np.mean(vals):.3g} ± {np.std(vals):.2g}"
 
             status = ", ".join(sorted({r["free_run"]["status"] for r in rows}))
+            seeds_note = "" if len(rows) == len(res["seeds"]) else f" ({len(rows)} seeds)"
             lines.append(
-                f"| {label} | {stat(lambda r: (r.get('rmse_120h') or [None])[0])} | "
+                f"| {label}{seeds_note} | {stat(lambda r: (r.get('rmse_120h') or [None])[0])} | "
                 f"{stat(lambda r: (r.get('acc_120h') or [None])[0])} | {status} | "
                 f"{stat(lambda r: r.get('ke_spectral_error'))} | "
                 f"{stat(lambda r: r.get('distribution', {}).get('mean'))} | "
@@ -273,13 +285,26 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--emulator-states", type=int, default=3000)
     p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--caps", default="3", help="extra rows: each network behind a cap of k stds (comma list)"
+    )
+    p.add_argument(
+        "--assemble",
+        action="store_true",
+        help="run nothing: build the table from the per-seed files under bench/results/qg/",
+    )
     p.add_argument("--out", default=str(RESULTS / "qg.json"))
     args = p.parse_args()
+    args.caps = tuple(float(c) for c in args.caps.split(",") if c)
     torch.set_num_threads(1)
     report: dict = {"settings": vars(args), "presets": {}}
     for preset in args.presets.split(","):
         seeds = []
         for seed in (int(s) for s in args.seeds.split(",")):
+            per_seed = PER_SEED / f"{preset}{'-quick' if args.quick else ''}-seed{seed}.json"
+            if args.assemble:
+                seeds.append(json.loads(per_seed.read_text())["result"])
+                continue
             print(f"{preset} seed {seed}", flush=True)
             root, cfg, times = prepare(preset, seed, args)
             trained = train(root, args)
@@ -291,6 +316,11 @@ def main() -> None:
                 "evaluate_s": round(time.perf_counter() - t0, 1),
             }
             seeds.append(res)
+            PER_SEED.mkdir(parents=True, exist_ok=True)
+            settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "presets", "out")}
+            per_seed.write_text(
+                json.dumps({"settings": settings, "result": res}, indent=1, default=str) + "\n"
+            )
             Path(args.out).write_text(
                 json.dumps(report | {"partial": [preset, seed, res]}, indent=1, default=str)
             )
