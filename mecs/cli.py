@@ -108,7 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _apply_flag_config(parser, argv)
         args = parser.parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
-        return func(args)
+        try:
+            return func(args)
+        finally:
+            if "correction.training.distributed" in sys.modules:  # a stage ran under torchrun
+                sys.modules["correction.training.distributed"].shutdown()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

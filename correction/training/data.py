@@ -5,6 +5,11 @@ random order, holds a few chunks at a time in a shuffle buffer and yields
 mini-batches from it, so memory is bounded by ``buffer_chunks`` chunks whatever the
 store's size. The order depends only on ``(seed, epoch)``, which makes a resumed
 run see exactly the batches an uninterrupted run would have seen.
+
+Under ``torchrun`` each rank streams only its own chunks (every ``world``-th of
+the epoch's seeded chunk order), in batches of its share of the global batch, so
+no rank reads the whole store; in training every rank takes the same number of
+steps per epoch (DDP reduces gradients once per step on all ranks).
 """
 
 from __future__ import annotations
@@ -122,22 +127,63 @@ class BatchStream:
         seed: int,
         shuffle: bool = True,
         buffer_chunks: int = 4,
+        rank: int = 0,
+        world: int = 1,
+        equal_steps: bool = False,
     ) -> None:
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.shuffle, self.buffer_chunks = shuffle, buffer_chunks
+        self.rank, self.world, self.equal_steps = rank, world, equal_steps
         idx = source.indices(split)
         self.groups = [
             g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1) if len(g)
         ]
         self.n_samples = len(idx)
+        if equal_steps and world > 1 and len(self.groups) < world:
+            raise ValueError(
+                f"the '{split}' split of {source.path} has {len(self.groups)} chunk(s) for "
+                f"{world} ranks: rechunk the store smaller "
+                "(mecs increments --chunk-samples) or use "
+                "fewer processes"
+            )
+
+    def local_batch(self, rank: int | None = None) -> int:
+        """This rank's share of the global batch (the shares add up to it)."""
+        r = self.rank if rank is None else rank
+        return self.batch_size // self.world + (1 if r < self.batch_size % self.world else 0)
 
     def __len__(self) -> int:
         return math.ceil(self.n_samples / self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _order(self, epoch: int) -> tuple[np.random.Generator, list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.groups)) if self.shuffle else range(len(self.groups))
-        order = list(order)
+        return rng, list(order)
+
+    def steps(self, epoch: int) -> int:
+        """Batches every rank can yield this epoch (the fewest over ranks)."""
+        _, order = self._order(epoch)
+        return min(
+            math.ceil(
+                sum(len(self.groups[i]) for i in order[r :: self.world]) / self.local_batch(r)
+            )
+            for r in range(self.world)
+        )
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.world == 1:
+            yield from self._stream(epoch)
+            return
+        limit = self.steps(epoch) if self.equal_steps else None
+        for k, batch in enumerate(self._stream(epoch)):
+            if limit is not None and k >= limit:
+                return
+            yield batch
+
+    def _stream(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng, order = self._order(epoch)
+        order = order[self.rank :: self.world]
+        batch_size = self.local_batch()
         carry_x = carry_y = None
         for start in range(0, len(order), self.buffer_chunks):
             parts = [
@@ -152,10 +198,10 @@ class BatchStream:
                 perm = rng.permutation(len(x))
                 x, y = x[perm], y[perm]
             last = start + self.buffer_chunks >= len(order)
-            n_full = len(x) if last else (len(x) // self.batch_size) * self.batch_size
-            for b in range(0, n_full, self.batch_size):
+            n_full = len(x) if last else (len(x) // batch_size) * batch_size
+            for b in range(0, n_full, batch_size):
                 yield (
-                    torch.from_numpy(x[b : b + self.batch_size]),
-                    torch.from_numpy(y[b : b + self.batch_size]),
+                    torch.from_numpy(x[b : b + batch_size]),
+                    torch.from_numpy(y[b : b + batch_size]),
                 )
             carry_x, carry_y = x[n_full:], y[n_full:]

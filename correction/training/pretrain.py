@@ -5,6 +5,13 @@ the window (Farchi et al. 2024). Streams the store, validates on its ``val`` spl
 with early stopping, reduces the learning rate on plateaus, is deterministic for
 a seed, checkpoints every epoch and resumes after a kill, then publishes the best
 weights as a new model version.
+
+Under ``torchrun`` the same function trains with DistributedDataParallel
+(:mod:`.distributed`): each rank streams its own chunks of the training split in
+its share of the global batch, validation losses are summed over ranks (so the
+schedule and early stopping agree), and rank 0 alone checkpoints and publishes.
+The checkpoint does not depend on the world size: a killed job resumes under the
+same or another number of processes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from correction import artifacts
 from correction.networks import CorrectionModel
 from correction.timeunits import MODEL_UNIT, TimeUnitError, canonical_unit
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchStream, IncrementSource
 from .settings import PretrainConfig
@@ -64,15 +72,22 @@ def time_section(attrs: dict) -> dict:
     return {"unit": unit, "window": float(window) if window is not None else None, "host_dt": None}
 
 
-def evaluate_loss(model: CorrectionModel, stream: BatchStream) -> float:
-    """Mean squared error in normalised target units over a whole split."""
+def evaluate_loss(
+    model: CorrectionModel, stream: BatchStream, dist: distributed.Distributed | None = None
+) -> float:
+    """Mean squared error in normalised target units over a whole split (all ranks')."""
     total, count = 0.0, 0
     model.eval()
+    device = dist.device if dist is not None else torch.device("cpu")
     with torch.no_grad():
         for x, y in stream.epoch(0):
+            x, y = x.to(device), y.to(device)
             yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
             total += float(((model.forward_normalised(x) - yn) ** 2).sum())
             count += yn.numel()
+    if dist is not None:
+        total, count = dist.sum(total, count)
+        count = int(count)
     return total / max(count, 1)
 
 
@@ -96,6 +111,8 @@ def pretrain(
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist = distributed.context(cfg.device)
+    progress = progress and dist.main
     source = IncrementSource.open(data, cfg.fields)
     layout = source.layout
     torch.manual_seed(cfg.seed)
@@ -104,12 +121,28 @@ def pretrain(
     )
     normalisation = source.normalisation()
     model.set_normalisation(*normalisation)
+    model.to(dist.device)
+    objective = dist.wrap(
+        distributed.Objective(
+            model, lambda x, yn: torch.mean((model.forward_normalised(x) - yn) ** 2)
+        )
+    )
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optim, factor=cfg.lr_factor, patience=cfg.lr_patience
     )
-    train = BatchStream(source, "train", cfg.batch_size, cfg.seed, True, cfg.buffer_chunks)
-    val = BatchStream(source, "val", 4096, cfg.seed, False, cfg.buffer_chunks)
+    shard = {"rank": dist.rank, "world": dist.world}
+    train = BatchStream(
+        source,
+        "train",
+        cfg.batch_size,
+        cfg.seed,
+        True,
+        cfg.buffer_chunks,
+        **shard,
+        equal_steps=True,
+    )
+    val = BatchStream(source, "val", 4096, cfg.seed, False, cfg.buffer_chunks, **shard)
 
     artifacts.check_name(name)
     run_key = _run_key(source, cfg)
@@ -129,7 +162,7 @@ def pretrain(
         best_epoch, bad_epochs, start_epoch = prog["best_epoch"], prog["bad_epochs"], prog["epoch"]
     resumed_from = start_epoch if resumed is not None else None
     if not history:
-        history.append({"epoch": 0, "val_loss": evaluate_loss(model, val)})
+        history.append({"epoch": 0, "val_loss": evaluate_loss(model, val, dist)})
 
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.max_epochs):
@@ -149,16 +182,19 @@ def pretrain(
             mininterval=0.5,
         )
         for x, y in bar:
+            x, y = x.to(dist.device), y.to(dist.device)
             yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
-            loss = torch.mean((model.forward_normalised(x) - yn) ** 2)
+            loss = objective(x, yn)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
             total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        total, count = dist.sum(total, count)
+        count = int(count)
         train_seconds = time.perf_counter() - t_epoch
-        val_loss = evaluate_loss(model, val)
+        val_loss = evaluate_loss(model, val, dist)
         sched.step(val_loss)
         history.append(
             {
@@ -177,21 +213,36 @@ def pretrain(
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        save_checkpoint(
-            ckpt,
-            {"model": model.state_dict(), "best": best_state},
-            {"optimizer": optim.state_dict(), "scheduler": sched.state_dict()},
-            {
-                "epoch": epoch + 1,
-                "history": history,
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-            },
-        )
+        if dist.main:
+            save_checkpoint(
+                ckpt,
+                {"model": model.state_dict(), "best": best_state},
+                {"optimizer": optim.state_dict(), "scheduler": sched.state_dict()},
+                {
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                },
+            )
+        dist.barrier()  # no rank runs ahead of the checkpoint it may resume from
 
     model.load_state_dict(best_state)
     model.eval()
+    model.cpu()
+    if not dist.main:  # rank 0 publishes; the others learn its version
+        info = dist.broadcast_json()
+        mv = artifacts.resolve(repository, name, int(info["version"]))
+        return PretrainResult(
+            mv,
+            best_epoch,
+            best_val,
+            len(history) - 1,
+            resumed_from,
+            history,
+            time.perf_counter() - t0,
+        )
     target_std = float(np.sqrt(np.mean(normalisation[3] ** 2)))
     config = artifacts.build_config(
         model,
@@ -226,6 +277,7 @@ def pretrain(
             mv.version,
         )
     shutil.rmtree(work, ignore_errors=True)
+    dist.broadcast_json({"version": mv.version})
     return PretrainResult(
         mv, best_epoch, best_val, len(history) - 1, resumed_from, history, time.perf_counter() - t0
     )

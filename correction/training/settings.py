@@ -49,6 +49,8 @@ class PretrainConfig:
     buffer_chunks: int = 4
     seed: int = 0
     threads: int | None = None
+    # cpu, cuda or auto (a GPU when one is visible); under torchrun, each rank's GPU
+    device: str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:

@@ -35,6 +35,14 @@ class AnalysisData:
         return int(np.searchsorted(self.times, self.test_start - 1e-9))
 
 
+def report(*parts: Any) -> None:
+    """Print a stage's result once: on rank 0 under torchrun, always otherwise."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(*parts)
+
+
 def load_analyses(
     path: str | Path,
     variable: str = "X",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mecs.cli import UsageError
 
-from ._common import add_host_options
+from ._common import add_host_options, report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
             pairs=pairs,
             dt=dt,
         )
-        print(f"emulator: one-step RMSE {metrics['one_step_rmse']:.4g} on held-out archive pairs")
-        print(f"emulator: wrote {Path(path).resolve()}")
+        report(f"emulator: one-step RMSE {metrics['one_step_rmse']:.4g} on held-out archive pairs")
+        report(f"emulator: wrote {Path(path).resolve()}")
         return 0
     host = make_named_host(
         args.host,
@@ -72,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         close_host(host)
-    print(
+    report(
         f"emulator: one-step RMSE {metrics['one_step_rmse']:.4g}, 10-step RMSE "
         f"{metrics['ten_step_rmse']:.4g} against the host"
     )
-    print(f"emulator: wrote {Path(path).resolve()}")
+    report(f"emulator: wrote {Path(path).resolve()}")
     return 0
 
 

@@ -7,7 +7,7 @@ import sys
 
 from mecs.cli import UsageError
 
-from ._common import add_host_options
+from ._common import add_host_options, report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close_host(host)
     first, best = result.history[0]["val_loss"], result.best_val
-    print(f"finetune: mode {cfg.mode}; validation a posteriori loss {first:.5f} -> {best:.5f}")
-    print(f"finetune: published {result.version.path.resolve()} ({result.wall_time:.1f} s)")
+    report(f"finetune: mode {cfg.mode}; validation a posteriori loss {first:.5f} -> {best:.5f}")
+    report(f"finetune: published {result.version.path.resolve()} ({result.wall_time:.1f} s)")
     return 0
 
 

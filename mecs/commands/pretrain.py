@@ -13,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from correction.training.pretrain import PretrainConfig, pretrain
     from data_pipeline.config import ConfigError
 
-    from ._common import settings_with_flags
+    from ._common import report, settings_with_flags
 
     try:
         check_name(args.name)
@@ -25,12 +25,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mecs pretrain: {err}") from None
     result = pretrain(args.data, args.repository, args.name, cfg, progress=not args.no_progress)
     if result.resumed_from is not None:
-        print(f"pretrain: resumed from the checkpoint after epoch {result.resumed_from}")
-    print(
+        report(f"pretrain: resumed from the checkpoint after epoch {result.resumed_from}")
+    report(
         f"pretrain: best validation loss {result.best_val_loss:.4f} at epoch "
         f"{result.best_epoch} of {result.epochs_run} ({result.wall_time:.1f} s)"
     )
-    print(f"pretrain: published {result.version.path.resolve()}")
+    report(f"pretrain: published {result.version.path.resolve()}")
     return 0
 
 
