@@ -6,6 +6,10 @@ corrected or imperfect trajectory wanders), and states along short host runs fro
 them. The host is only ever called forward, under ``torch.no_grad``. The emulator
 and the correction are trained separately, each with its own loss, which Frezat et
 al. (2023) found necessary to keep the emulator's bias out of the correction.
+
+Under ``torchrun`` each rank draws its share of the training states (its own host
+instance, its own seeded generator), the normalisation is computed over all
+ranks' states, DDP averages the gradients, and rank 0 measures and saves.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from correction.hosts import BlackBoxHost, HostModel
 from correction.layout import ModelLayout
 from correction.networks import CorrectionModel
 
+from . import distributed
 from .settings import EmulatorConfig
 
 
@@ -161,15 +166,18 @@ def train_emulator(
     """
     cfg = cfg or EmulatorConfig()
     t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
+    dist = distributed.context("cpu")
+    progress = progress and dist.main
+    rng = np.random.default_rng(cfg.seed if not dist.active else [cfg.seed, dist.rank])
     torch.manual_seed(cfg.seed)
     black_box = None
     if pairs is None:
         black_box = host if isinstance(host, BlackBoxHost) else BlackBoxHost.wrap(host)
-        x, y = training_states(black_box, analyses.astype(np.float64), cfg, rng, layout)
+        share = dataclasses.replace(cfg, n_states=max(cfg.n_states // dist.world, 1))
+        x, y = training_states(black_box, analyses.astype(np.float64), share, rng, layout)
         dt = float(host.dt)
     else:
-        x, y = (np.asarray(a, dtype=np.float64) for a in pairs)
+        x, y = (np.asarray(a[dist.shard(len(a))], dtype=np.float64) for a in pairs)
         dt = float(dt)
     target = (y - x) / dt
     n_val = max(len(x) // 10, 1)
@@ -179,21 +187,28 @@ def train_emulator(
         cfg.network, cfg.params, layout.channels, layout.channels, len(layout.horizontal_dims)
     )
     # per channel (one channel: the same numbers as one global mean and std)
-    in_mean, in_std = channel_stats(x[train], layout)
-    out_mean, out_std = channel_stats(target[train], layout)
+    in_mean, in_std = _global_stats(x[train], layout, dist)
+    out_mean, out_std = _global_stats(target[train], layout, dist)
     model.set_normalisation(in_mean, np.where(in_std > 0, in_std, 1.0), out_mean, out_std)
     pack = lambda a: layout.pack(torch.as_tensor(a, dtype=torch.float32))  # noqa: E731
     xt, yt = pack(x), pack(target)
     yn = (yt - model._expand(model.out_mean)) / model._expand(model.out_std)
+    objective = dist.wrap(
+        distributed.Objective(
+            model, lambda xb, yb: torch.mean((model.forward_normalised(xb) - yb) ** 2)
+        )
+    )
+    batch = max(cfg.batch_size // dist.world, 1)
+    steps = dist.min(-(-len(train) // batch))  # every rank takes the same number
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, cfg.epochs)
     history = []
     for epoch in tqdm(range(cfg.epochs), desc="emulator", disable=not progress):
         model.train()
         order = torch.from_numpy(rng.permutation(train))
-        for b in range(0, len(order), cfg.batch_size):
-            i = order[b : b + cfg.batch_size]
-            loss = torch.mean((model.forward_normalised(xt[i]) - yn[i]) ** 2)
+        for k in range(steps):
+            i = order[k * batch : (k + 1) * batch]
+            loss = objective(xt[i], yn[i])
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -201,9 +216,15 @@ def train_emulator(
         model.eval()
         with torch.no_grad():
             vi = torch.from_numpy(val)
-            vl = float(torch.mean((model.forward_normalised(xt[vi]) - yn[vi]) ** 2))
+            sq = float(torch.sum((model.forward_normalised(xt[vi]) - yn[vi]) ** 2))
+        total, count = dist.sum(sq, yn[vi].numel())
+        vl = total / count
         history.append({"epoch": epoch + 1, "val_loss": vl})
     model.eval()
+    n_states = int(dist.sum(len(x))[0])
+    if not dist.main:  # rank 0 measures and saves; the others learn its figures
+        done = dist.broadcast_json()
+        return Path(done["path"]), done["metrics"]
     config = artifacts.build_config(model, layout, cfg.params, kind="emulator")
     config["emulator"] = {"host": host_name, "host_params": host_params or {}, "dt": dt}
     emulator = Emulator(model, config)
@@ -227,11 +248,30 @@ def train_emulator(
         training={
             "settings": dataclasses.asdict(cfg),
             "history": history,
-            "n_states": len(x),
+            "n_states": n_states,
+            "world_size": dist.world,
             "wall_time_s": time.perf_counter() - t0,
         },
     )
-    return artifacts.save(out, model, config), metrics
+    path = artifacts.save(out, model, config)
+    dist.broadcast_json({"path": str(path), "metrics": metrics})
+    return path, metrics
+
+
+def _global_stats(
+    values: np.ndarray, layout: ModelLayout, dist: distributed.Distributed
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`channel_stats` over every rank's ``values`` (each rank holds a share)."""
+    mean, std = channel_stats(values, layout)
+    if not dist.active:
+        return mean, std
+    n = float(len(values))
+    sums = dist.sum(n, *(n * mean), *(n * (std**2 + mean**2)))
+    c = len(mean)
+    total = sums[0]
+    g_mean = np.asarray(sums[1 : 1 + c]) / total
+    g_sq = np.asarray(sums[1 + c :]) / total
+    return g_mean, np.sqrt(np.maximum(g_sq - g_mean**2, 0.0))
 
 
 def _host_metrics(emulator, black_box, x_eval, spread, x, y, history) -> dict[str, Any]:

@@ -258,6 +258,7 @@ def pretrain(
             "settings": cfg.to_dict(),
             "best_epoch": best_epoch,
             "epochs_run": len(history) - 1,
+            "world_size": dist.world,
             "history": history,
         },
         metrics={"val_loss": best_val, "val_rmse": math.sqrt(best_val) * target_std},

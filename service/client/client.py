@@ -15,7 +15,11 @@ Design points, each for the per-step budget of a forecast:
   the next successful call (metric ``mecs_client_degraded_steps_total``);
 - a circuit breaker: after ``failure_threshold`` consecutive failures the client
   stops calling for ``cooldown_s`` and degrades at once, so a forecast does not
-  wait a timeout per step while the service is away.
+  wait a timeout per step while the service is away;
+- several endpoints (replicas, or load balancers in front of them): the client
+  keeps to the one that answers and, when it is unreachable or answers 502/503/504,
+  retries the same call on the next one (every endpoint is tried at least once per
+  call before the call fails); :attr:`CorrectionClient.failovers` counts the moves.
 
 Only numpy and the standard library are imported.
 """
@@ -67,6 +71,24 @@ class InferResult:
     server_timing_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class _Service:
+    """One endpoint: its URL, its path prefix and its keep-alive connection."""
+
+    url: str
+    prefix: str
+    conn: Any
+
+
+def split_urls(url: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"http://a:8000,http://b:8000"`` or a sequence -> the list of URLs, in order."""
+    items = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip() for u in items if u and u.strip()]
+    if not urls:
+        raise ValueError("no service URL given")
+    return urls
+
+
 class CorrectionClient(Degradation):
     """Client for one model of a correction service.
 
@@ -75,11 +97,14 @@ class CorrectionClient(Degradation):
     or float64; the answer has the same shape and dtype) and applies the
     degradation policy; ``infer`` returns the full :class:`InferResult` and always
     raises on failure. One client holds one connection: use one per thread.
+
+    ``url`` is one URL, several separated by commas, or a sequence of them: the
+    replicas of one service (the same model repository), tried in turn on failure.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str] | tuple[str, ...],
         model: str,
         version: int | None = None,
         api_key: str | None = None,
@@ -97,17 +122,16 @@ class CorrectionClient(Degradation):
         dt_unit: str | None = None,
     ) -> None:
         self._init_degradation(degrade, failure_threshold, cooldown_s)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"service URL must be http(s)://host[:port], got {url!r}")
-        self.url = url.rstrip("/")
+        urls = split_urls(url)
+        for u in urls:
+            parts = urlsplit(u)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"service URL must be http(s)://host[:port], got {u!r}")
         self.model, self.version = model, version
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.binary = binary
         # the caller's time unit: corrections come back per this unit (None: the model's)
         self.dt_unit = dt_unit
-        tls = parts.scheme == "https"
-        port = parts.port or (443 if tls else 80)
         if ca_file is not None:
             if ssl_context is not None:
                 raise ValueError("give ssl_context or ca_file, not both")
@@ -115,18 +139,43 @@ class CorrectionClient(Degradation):
                 ssl_context = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as err:
                 raise ValueError(f"ca_file {ca_file!r}: cannot load it: {err}") from None
-        self._conn = make_transport(
-            transport, parts.hostname, port, tls, connect_timeout, ssl_context
-        )
-        self._prefix = parts.path.rstrip("/")
+        self._services = []
+        for u in urls:
+            parts = urlsplit(u)
+            tls = parts.scheme == "https"
+            port = parts.port or (443 if tls else 80)
+            conn = make_transport(
+                transport, parts.hostname, port, tls, connect_timeout, ssl_context
+            )
+            self._services.append(_Service(u.rstrip("/"), parts.path.rstrip("/"), conn))
+        self._active = 0
+        self.failovers = 0
         self._base_headers = "User-Agent: mecs-client\r\n"
         if api_key:
             self._base_headers += f"Authorization: Bearer {api_key}\r\n"
         name = quote(model, safe="")
         tail = f"/versions/{int(version)}" if version is not None else ""
-        self._infer_path = f"{self._prefix}/v2/models/{name}{tail}/infer"
+        self._infer_path = f"/v2/models/{name}{tail}/infer"
         self.calls = 0
         self.last_result: InferResult | None = None
+
+    @property
+    def url(self) -> str:
+        """The endpoint in use (the first, until a failure moves the client on)."""
+        return self._services[self._active].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self._services]
+
+    @property
+    def _conn(self) -> Any:
+        return self._services[self._active].conn
+
+    def _next_endpoint(self) -> None:
+        if len(self._services) > 1:
+            self._active = (self._active + 1) % len(self._services)
+            self.failovers += 1
 
     # -- plumbing --------------------------------------------------------------------
     def _send(
@@ -138,17 +187,24 @@ class CorrectionClient(Degradation):
         idempotent: bool = True,
         timeout: float | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:
+        """``path`` is the protocol's (``/v2/...``); each endpoint adds its own prefix."""
         parts = [body] if isinstance(body, bytes | bytearray | memoryview) else body
         head = self._base_headers
         if headers:
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        attempts = 1 + (self.retries if idempotent else 0)
+        n = len(self._services)
+        # an idempotent call tries every endpoint at least once
+        attempts = max(1 + self.retries, n) if idempotent else 1
         delay = self.backoff
         last: Exception | None = None
+        route = path
         for attempt in range(attempts):
             if attempt:
-                time.sleep(delay)
-                delay *= 2
+                self._next_endpoint()
+                if attempt % n == 0:  # back off once a whole round of endpoints failed
+                    time.sleep(delay)
+                    delay *= 2
+            path = self._services[self._active].prefix + route
             try:
                 try:
                     status, h, data = self._conn.request(
@@ -182,6 +238,8 @@ class CorrectionClient(Degradation):
             if status >= 400:
                 raise RequestRejected(f"{method} {path}: {status} {error_message(data)}", status)
             return status, h, data
+        if n > 1 and last is not None:
+            raise type(last)(f"all {n} endpoints failed; last: {last}", last.status)
         raise last  # type: ignore[misc]
 
     def _get_json(self, path: str) -> Any:
@@ -196,11 +254,11 @@ class CorrectionClient(Degradation):
 
     # -- protocol calls --------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
-        return self._get_json(f"{self._prefix}/v2")
+        return self._get_json("/v2")
 
     def _answers(self, path: str) -> bool:
         try:
-            self._send("GET", f"{self._prefix}{path}")
+            self._send("GET", f"{path}")
             return True
         except ServiceError:
             return False
@@ -215,27 +273,27 @@ class CorrectionClient(Degradation):
         """Model metadata (inputs, outputs, shapes, variables, version)."""
         name = quote(self.model, safe="")
         tail = f"/versions/{int(self.version)}" if self.version is not None else ""
-        return self._get_json(f"{self._prefix}/v2/models/{name}{tail}")
+        return self._get_json(f"/v2/models/{name}{tail}")
 
     def repository_index(self) -> list[dict[str, str]]:
-        return self._get_json(f"{self._prefix}/v2/repository/index")
+        return self._get_json("/v2/repository/index")
 
     def load_model(self, name: str | None = None, version: int | None = None) -> dict[str, Any]:
         """Admin: (re)load a model, optionally pinning ``version`` as its default."""
         body = json.dumps({"parameters": {"version": str(version)}} if version else {}).encode()
-        path = f"{self._prefix}/v2/repository/models/{quote(name or self.model, safe='')}/load"
+        path = f"/v2/repository/models/{quote(name or self.model, safe='')}/load"
         _, _, data = self._send(
             "POST", path, body, {"Content-Type": "application/json"}, idempotent=False
         )
         return json.loads(data)
 
     def unload_model(self, name: str | None = None) -> dict[str, Any]:
-        path = f"{self._prefix}/v2/repository/models/{quote(name or self.model, safe='')}/unload"
+        path = f"/v2/repository/models/{quote(name or self.model, safe='')}/unload"
         _, _, data = self._send("POST", path, b"", idempotent=False)
         return json.loads(data)
 
     def metrics_text(self) -> str:
-        _, _, data = self._send("GET", f"{self._prefix}/metrics")
+        _, _, data = self._send("GET", "/metrics")
         return data.decode()
 
     def infer(
@@ -318,7 +376,8 @@ class CorrectionClient(Degradation):
         )
 
     def close(self) -> None:
-        self._conn.close()
+        for service in self._services:
+            service.conn.close()
 
     def __enter__(self) -> CorrectionClient:
         return self

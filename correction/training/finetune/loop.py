@@ -1,4 +1,11 @@
-"""The fine-tuning loop: windows, optimiser, validation, best weights, publication."""
+"""The fine-tuning loop: windows, optimiser, validation, best weights, publication.
+
+Under ``torchrun`` the windows are split across ranks: every rank draws the same
+global batch of window starts (one seeded generator) and unrolls its share of
+them with its own host, DDP averages the gradients, validation windows are split
+the same way and their losses summed over ranks, and rank 0 publishes. Hosts run
+on CPU, so the process group is gloo.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from correction.emulator import Emulator
 from correction.hosts import BlackBoxHost, HostModel
 from correction.inference import Corrector
 
+from .. import distributed
 from .config import FinetuneConfig
 from .strategies import make_strategy
 
@@ -82,6 +90,13 @@ def finetune(
     ``host_spec`` (``torch:l96``, ``process:...``) is recorded in the new version.
     """
     t0 = time.perf_counter()
+    dist = distributed.context("cpu")
+    progress = progress and dist.main
+    if cfg.batch_size < dist.world:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is smaller than the {dist.world} processes "
+            "that share each batch of windows"
+        )
     parent = Corrector.load(repository, name, from_version)
     model, _ = artifacts.load(artifacts.resolve(repository, name, parent.version).path)
     model.train()
@@ -106,9 +121,17 @@ def finetune(
 
     def val_loss() -> float:
         model.eval()
-        v = strategy.validation_loss(a, val_starts, cfg.max_unroll, clim_var)
+        mine = val_starts[dist.shard(len(val_starts))]
+        v = strategy.validation_loss(a, mine, cfg.max_unroll, clim_var) if len(mine) else 0.0
         model.train()
-        return v
+        total, count = dist.sum(v * len(mine), len(mine))  # the mean over all windows
+        return total / count
+
+    objective = dist.wrap(
+        distributed.Objective(
+            model, lambda starts, n: strategy.loss(a, starts, n, out_std, clim_var)
+        )
+    )
 
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     calls_before = black_box.calls if hasattr(black_box, "calls") else 0
@@ -124,7 +147,7 @@ def finetune(
     for it in bar:
         n = cfg.unroll_at(it - 1)
         starts = rng.choice(_windows(len(a), 0, train_hi, n), cfg.batch_size)
-        loss = strategy.loss(a, starts, n, out_std, clim_var)
+        loss = objective(starts[dist.shard(len(starts))], n)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -140,6 +163,10 @@ def finetune(
     model.load_state_dict(best_state)
     model.eval()
     host_calls = (black_box.calls if hasattr(black_box, "calls") else 0) - calls_before
+    host_calls = int(dist.sum(host_calls)[0])
+    if not dist.main:  # rank 0 publishes; the others learn its version
+        mv = artifacts.resolve(repository, publish_as or name, dist.broadcast_json()["version"])
+        return FinetuneResult(mv, history, best_val, host_calls, time.perf_counter() - t0)
     config = dict(parent.config)
     for key in ("name", "version", "weights_sha256", "config_sha256", "published_at"):
         config.pop(key, None)
@@ -156,6 +183,7 @@ def finetune(
         "host_spec": host_spec or f"torch:{host.name}",
         "history": history,
         "pretraining": parent.config.get("training", {}).get("stage"),
+        "world_size": dist.world,
     }
     config["parent"] = {"name": parent.name, "version": parent.version}
     config["metrics"] = {
@@ -164,6 +192,7 @@ def finetune(
         "val_unroll": cfg.max_unroll,
     }
     mv = artifacts.publish(repository, publish_as or name, model, config)
+    dist.broadcast_json({"version": mv.version})
     return FinetuneResult(mv, history, best_val, host_calls, time.perf_counter() - t0)
 
 
