@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import BACKENDS, STORE_FORMATS, make_l96_model, service_settings
+from support import BACKENDS, STORE_FORMATS, build_native, make_l96_model, service_settings
 
 from data_pipeline.config import load_config
 from data_pipeline.synth import generate
@@ -90,3 +90,9 @@ def backend(request):
 def store_format(request):
     """Inputs stored as zarr v3 or as netCDF4."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def native(tmp_path_factory):
+    """The C/Fortran clients, built and installed once per session (clients/build.sh)."""
+    return build_native(tmp_path_factory.mktemp("native"))

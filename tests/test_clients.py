@@ -18,7 +18,6 @@ import pytest
 import xarray as xr
 from support import (
     ServeProcess,
-    build_native,
     make_l96_model,
     missing_tools,
     mpi_env,
@@ -34,11 +33,6 @@ pytestmark = pytest.mark.skipif(
     "(apt-get install cmake gcc gfortran libcurl4-openssl-dev; .ci/run does)",
 )
 STEPS = 500
-
-
-@pytest.fixture(scope="session")
-def native(tmp_path_factory):
-    return build_native(tmp_path_factory.mktemp("native"))
 
 
 @pytest.fixture(scope="module")

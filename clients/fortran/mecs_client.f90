@@ -45,7 +45,7 @@ module mecs_client
   end type mecs_handle
 
   public :: mecs_open, mecs_correct, mecs_close, mecs_set_policy, mecs_error_message, &
-       mecs_status_name, mecs_degraded_steps, mecs_failures, mecs_calls, &
+       mecs_status_name, mecs_degraded_steps, mecs_failures, mecs_calls, mecs_failovers, &
        mecs_model_version, mecs_last_version, mecs_circuit_open, mecs_state_size, &
        mecs_live, mecs_ready
 
@@ -103,6 +103,11 @@ module mecs_client
        type(c_ptr), value :: c
        integer(c_long_long) :: v
      end function c_failures
+     function c_failovers(c) bind(C, name="mecs_failovers") result(v)
+       import :: c_ptr, c_long_long
+       type(c_ptr), value :: c
+       integer(c_long_long) :: v
+     end function c_failovers
      function c_calls(c) bind(C, name="mecs_calls") result(v)
        import :: c_ptr, c_long_long
        type(c_ptr), value :: c
@@ -510,6 +515,12 @@ contains
     type(mecs_handle), intent(in) :: h
     mecs_failures = c_failures(h%ptr)
   end function mecs_failures
+
+  !> Moves to another endpoint of a comma-separated url, in all.
+  integer(c_long_long) function mecs_failovers(h)
+    type(mecs_handle), intent(in) :: h
+    mecs_failovers = c_failovers(h%ptr)
+  end function mecs_failovers
 
   integer(c_long_long) function mecs_calls(h)
     type(mecs_handle), intent(in) :: h

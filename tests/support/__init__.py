@@ -4,6 +4,7 @@ Fixtures stay in ``tests/conftest.py``; what a test calls directly lives here, s
 test imports from ``conftest``.
 """
 
+from .balancer import NginxProcess, nginx_binary
 from .data import BACKENDS, STORE_FORMATS, make_archive, open_store, write_store
 from .metrics import metric_value, scrape
 from .models import make_l96_model, service_settings
@@ -14,6 +15,7 @@ from .tls import self_signed
 __all__ = [
     "BACKENDS",
     "NativeBuild",
+    "NginxProcess",
     "STORE_FORMATS",
     "build_native",
     "ServeProcess",
@@ -22,6 +24,7 @@ __all__ = [
     "metric_value",
     "missing_tools",
     "mpi_env",
+    "nginx_binary",
     "open_store",
     "scrape",
     "self_signed",

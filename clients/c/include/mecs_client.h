@@ -34,6 +34,7 @@ extern "C" {
 
 #define MECS_CLIENT_VERSION "0.1.0"
 #define MECS_MAX_RANK 8
+#define MECS_MAX_ENDPOINTS 16 /* endpoints in one url option */
 
 enum mecs_status {
     MECS_OK = 0,
@@ -61,6 +62,9 @@ mecs_client *mecs_new(void);
 
 /* Set one option by name (before mecs_connect, except "policy"):
  *   url               http(s)://host:port[/prefix]                     (required)
+ *                     or several, comma-separated: replicas of one service; the
+ *                     client keeps to the one that answers and moves to the next
+ *                     on an outage (every endpoint tried once per call)
  *   model             the model's name                                 (required)
  *   version           pin this version (default: the one served at connect)
  *   follow_latest     1: do not pin; every call goes to the served default
@@ -112,6 +116,8 @@ long mecs_last_version(const mecs_client *c);   /* the version that gave the las
 long long mecs_degraded_steps(const mecs_client *c);
 long long mecs_failures(const mecs_client *c);  /* failed calls, in all */
 long long mecs_calls(const mecs_client *c);     /* infer requests sent */
+long long mecs_failovers(const mecs_client *c); /* moves to another endpoint, in all */
+const char *mecs_endpoint(const mecs_client *c); /* the endpoint in use (owned by c) */
 int mecs_circuit_open(const mecs_client *c);    /* 1 while the breaker is open */
 int64_t mecs_state_size(const mecs_client *c);  /* values in one member's state */
 int mecs_state_rank(const mecs_client *c);

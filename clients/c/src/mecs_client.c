@@ -51,7 +51,12 @@ struct mecs_client {
     CURL *curl;
     struct curl_slist *get_headers, *post_headers; /* post_headers: for post_header_len */
     size_t post_header_len;
-    char *auth_header, *infer_url, *metadata;
+    char *auth_header, *infer_url, *metadata; /* infer_url: the path, /v2/... */
+    /* endpoints: the url option split at commas (replicas of one service) */
+    char *bases[MECS_MAX_ENDPOINTS];
+    int n_bases, active;
+    long long failovers;
+    char url_buf[2048];
     int connected, accepts_fp32, accepts_fp64, rank;
     int64_t shape[MECS_MAX_RANK], size;
     long pinned, last_version;
@@ -390,13 +395,14 @@ static void error_text(const buffer *b, char *out, size_t len) {
     mj_free(root);
 }
 
-/* One request with retries. body == NULL: GET. On success *status is 2xx/3xx. */
-static int http(mecs_client *c, const char *url, const char *head, size_t head_len,
+/* One request with retries, on the endpoint in use and then the others.
+ * path: /v2/...; head == NULL: GET. On success *status is 2xx/3xx. */
+static int http(mecs_client *c, const char *path, const char *head, size_t head_len,
                 const void *data, size_t data_len, long *status) {
     CURL *h = c->curl;
     upload up = {head, head_len, data, data_len, 0};
     int post = head != NULL;
-    curl_easy_setopt(h, CURLOPT_URL, url);
+    const char *url = c->url_buf;
     if (post) {
         /* the header list changes only with the JSON header's length: kept between calls */
         if (!c->post_headers || c->post_header_len != head_len) {
@@ -421,11 +427,21 @@ static int http(mecs_client *c, const char *url, const char *head, size_t head_l
     }
     int code = MECS_E_UNAVAILABLE;
     double delay = c->backoff;
-    for (int attempt = 0; attempt <= c->retries; attempt++) {
+    /* every endpoint is tried at least once; a request that failed moves to the next */
+    int attempts = c->retries + 1 > c->n_bases ? c->retries + 1 : c->n_bases;
+    for (int attempt = 0; attempt < attempts; attempt++) {
         if (attempt) {
-            sleep_s(delay);
-            delay *= 2;
+            if (c->n_bases > 1) {
+                c->active = (c->active + 1) % c->n_bases;
+                c->failovers++;
+            }
+            if (attempt % c->n_bases == 0) { /* back off once a whole round failed */
+                sleep_s(delay);
+                delay *= 2;
+            }
         }
+        snprintf(c->url_buf, sizeof c->url_buf, "%s%s", c->bases[c->active], path);
+        curl_easy_setopt(h, CURLOPT_URL, url);
         if (post) {
             if (head_len + data_len <= SMALL_BODY) { /* one contiguous small body */
                 if (!reserve(&c->request, head_len + data_len)) {
@@ -660,13 +676,41 @@ int mecs_connect(mecs_client *c) {
     return rc;
 }
 
+/* Split the url option at commas into the endpoints, each checked and stripped of '/'. */
+static int split_endpoints(mecs_client *c) {
+    for (int i = 0; i < c->n_bases; i++) free(c->bases[i]);
+    c->n_bases = c->active = 0;
+    const char *p = c->url;
+    while (*p) {
+        size_t n = strcspn(p, ",");
+        const char *q = p;
+        while (n && *q == ' ') q++, n--;
+        while (n && q[n - 1] == ' ') n--;
+        while (n && q[n - 1] == '/') n--;
+        if (n) {
+            if (c->n_bases == MECS_MAX_ENDPOINTS)
+                return fail(c, MECS_E_ARGUMENT, "url: more than %d endpoints", MECS_MAX_ENDPOINTS);
+            if (n > 1024) return fail(c, MECS_E_ARGUMENT, "url: an endpoint longer than 1024 bytes");
+            char *b = malloc(n + 1);
+            if (!b) return fail(c, MECS_E_MEMORY, "out of memory");
+            memcpy(b, q, n);
+            b[n] = '\0';
+            c->bases[c->n_bases++] = b;
+            if (strncmp(b, "http://", 7) != 0 && strncmp(b, "https://", 8) != 0)
+                return fail(c, MECS_E_ARGUMENT, "url must be http(s)://host[:port], got '%s'", b);
+        }
+        p += strcspn(p, ",");
+        if (*p == ',') p++;
+    }
+    if (!c->n_bases) return fail(c, MECS_E_ARGUMENT, "options url and model are needed");
+    return MECS_OK;
+}
+
 static int connect_in_c_locale(mecs_client *c) {
     if (!c->url || !c->model || !*c->model)
         return fail(c, MECS_E_ARGUMENT, "options url and model are needed");
-    if (strncmp(c->url, "http://", 7) != 0 && strncmp(c->url, "https://", 8) != 0)
-        return fail(c, MECS_E_ARGUMENT, "url must be http(s)://host[:port], got '%s'", c->url);
-    size_t ulen = strlen(c->url);
-    while (ulen && c->url[ulen - 1] == '/') c->url[--ulen] = '\0';
+    int split = split_endpoints(c);
+    if (split != MECS_OK) return split;
     char *key = NULL;
     if (c->api_key_file) {
         if (!(key = read_key_file(c, c->api_key_file))) return MECS_E_ARGUMENT;
@@ -699,7 +743,7 @@ static int connect_in_c_locale(mecs_client *c) {
     if (c->ca_file) curl_easy_setopt(h, CURLOPT_CAINFO, c->ca_file);
     char *name = curl_easy_escape(h, c->model, 0);
     if (!name) return fail(c, MECS_E_MEMORY, "out of memory");
-    size_t n = ulen + strlen(name) + 64;
+    size_t n = strlen(name) + 64;
     char *meta_url = malloc(n);
     c->infer_url = malloc(n);
     if (!meta_url || !c->infer_url) {
@@ -708,9 +752,9 @@ static int connect_in_c_locale(mecs_client *c) {
         return fail(c, MECS_E_MEMORY, "out of memory");
     }
     if (c->version_opt > 0)
-        snprintf(meta_url, n, "%s/v2/models/%s/versions/%ld", c->url, name, c->version_opt);
+        snprintf(meta_url, n, "/v2/models/%s/versions/%ld", name, c->version_opt);
     else
-        snprintf(meta_url, n, "%s/v2/models/%s", c->url, name);
+        snprintf(meta_url, n, "/v2/models/%s", name);
     long status = 0;
     int rc = http(c, meta_url, NULL, 0, NULL, 0, &status);
     free(meta_url);
@@ -743,10 +787,10 @@ static int connect_in_c_locale(mecs_client *c) {
         c->metadata = malloc(c->response.len + 1);
         if (c->metadata) memcpy(c->metadata, c->response.data, c->response.len + 1);
         if (c->follow_latest) {
-            snprintf(c->infer_url, n, "%s/v2/models/%s/infer", c->url, name);
+            snprintf(c->infer_url, n, "/v2/models/%s/infer", name);
         } else {
             c->pinned = version;
-            snprintf(c->infer_url, n, "%s/v2/models/%s/versions/%ld/infer", c->url, name, version);
+            snprintf(c->infer_url, n, "/v2/models/%s/versions/%ld/infer", name, version);
         }
         c->connected = 1;
     }
@@ -943,10 +987,8 @@ static int correct_in_c_locale(mecs_client *c, const void *state, int dtype, int
 
 static int answers(mecs_client *c, const char *path) {
     if (!c || !c->curl) return 0;
-    char url[2048];
-    snprintf(url, sizeof url, "%s%s", c->url, path);
     long status = 0;
-    return http(c, url, NULL, 0, NULL, 0, &status) == MECS_OK;
+    return http(c, path, NULL, 0, NULL, 0, &status) == MECS_OK;
 }
 
 int mecs_live(mecs_client *c) { return answers(c, "/v2/health/live"); }
@@ -965,6 +1007,10 @@ long mecs_last_version(const mecs_client *c) { return c ? c->last_version : -1; 
 long long mecs_degraded_steps(const mecs_client *c) { return c ? c->degraded : 0; }
 long long mecs_failures(const mecs_client *c) { return c ? c->failures : 0; }
 long long mecs_calls(const mecs_client *c) { return c ? c->calls : 0; }
+long long mecs_failovers(const mecs_client *c) { return c ? c->failovers : 0; }
+const char *mecs_endpoint(const mecs_client *c) {
+    return c && c->n_bases ? c->bases[c->active] : "";
+}
 int mecs_circuit_open(const mecs_client *c) { return c && now_s() < c->open_until; }
 int64_t mecs_state_size(const mecs_client *c) { return c && c->connected ? c->size : 0; }
 int mecs_state_rank(const mecs_client *c) { return c && c->connected ? c->rank : 0; }
@@ -1002,6 +1048,7 @@ void mecs_close(mecs_client *c) {
     char *strings[] = {c->url, c->model, c->api_key_env, c->api_key_file, c->ca_file, c->dt_unit,
                        c->expect_dims, c->expect_fields, c->expect_units};
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) free(strings[i]);
+    for (int i = 0; i < c->n_bases; i++) free(c->bases[i]);
     free(c->last);
     free(c->request.data);
     free(c->response.data);

@@ -87,6 +87,7 @@ int main(int argc, char **argv) {
         printf(", \"calls\": %ld, \"p50_us\": %.1f, \"p99_us\": %.1f, \"correction_sum\": %.9g",
                calls, percentile(times, calls, 50), percentile(times, calls, 99), sum);
     }
+    printf(", \"failovers\": %lld, \"endpoint\": \"%s\"", mecs_failovers(c), mecs_endpoint(c));
     printf(", \"degraded_steps\": %lld}\n", mecs_degraded_steps(c));
     free(state);
     free(corr);
