@@ -123,6 +123,16 @@ class Settings(ServiceSettings):
         ge=0,
         description="the trainer fine-tunes every this many seconds (0: once, on demand)",
     )
+    # torchrun of the training jobs (compose runs pretrain, emulator and trainer under it)
+    train_processes: int = Field(
+        1, ge=1, description="training processes per node (`torchrun --nproc-per-node`)"
+    )
+    train_nodes: int = Field(1, ge=1, description="nodes of a training job (`torchrun --nnodes`)")
+    train_rdzv_endpoint: str = Field(
+        "localhost:29400",
+        description="where a training job's nodes meet (`torchrun --rdzv-endpoint`, c10d): "
+        "the first node's host:port",
+    )
     # clients of the service
     service_url: str = Field(
         "http://api:8000", description="URL at which jobs reach the service (forecast job)"

@@ -392,6 +392,9 @@ def topology(tmp_path):
             "MECS_EMULATOR_EPOCHS": "1",
             "MECS_FINETUNE_ITERATIONS": "10",
             "MECS_TRAIN_INTERVAL_S": "0",
+            # the training roles under torchrun with 2 processes (gloo), as a centre runs them
+            "MECS_TRAIN_PROCESSES": "2",
+            "MECS_TRAIN_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
             "MECS_FORECAST_STEPS": "40",
             "MECS_FORECAST_MEMBERS": "4",
             # the client
@@ -481,8 +484,9 @@ def test_compose_topology_on_loopback(topology):
 
         # the trainer fine-tunes once and publishes v2; the api swaps it in
         out = job("trainer")
-        assert "finetune: published" in out, out
-        assert (Path(variables["MECS_REPOSITORY"]) / model / "2" / "config.json").is_file()
+        assert out.count("finetune: published") == 1, out  # rank 0 alone publishes
+        v2 = Path(variables["MECS_REPOSITORY"]) / model / "2" / "config.json"
+        assert json.loads(v2.read_text())["training"]["world_size"] == 2
         wait_for("the api to serve v2", lambda: served_version() == "2", 30, api)
 
         # a coupled forecast through the api, with the client key

@@ -139,13 +139,9 @@ class BatchStream:
             g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1) if len(g)
         ]
         self.n_samples = len(idx)
-        if equal_steps and world > 1 and len(self.groups) < world:
-            raise ValueError(
-                f"the '{split}' split of {source.path} has {len(self.groups)} chunk(s) for "
-                f"{world} ranks: rechunk the store smaller "
-                "(mecs increments --chunk-samples) or use "
-                "fewer processes"
-            )
+        # fewer chunks than ranks (a small store): every rank streams the whole split
+        # and takes its share of each global batch, the batches one process would see
+        self.by_chunks = world == 1 or len(self.groups) >= world
 
     def local_batch(self, rank: int | None = None) -> int:
         """This rank's share of the global batch (the shares add up to it)."""
@@ -162,6 +158,9 @@ class BatchStream:
 
     def steps(self, epoch: int) -> int:
         """Batches every rank can yield this epoch (the fewest over ranks)."""
+        if not self.by_chunks:  # global batches, the last one only if every rank has a share
+            full, rest = divmod(self.n_samples, self.batch_size)
+            return full + (1 if rest >= self.world else 0)
         _, order = self._order(epoch)
         return min(
             math.ceil(
@@ -182,8 +181,16 @@ class BatchStream:
 
     def _stream(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng, order = self._order(epoch)
-        order = order[self.rank :: self.world]
-        batch_size = self.local_batch()
+        if not self.by_chunks:
+            for x, y in self._batches(order, self.batch_size, rng):
+                if len(x) >= self.world or not self.equal_steps:
+                    yield x[self.rank :: self.world], y[self.rank :: self.world]
+            return
+        yield from self._batches(order[self.rank :: self.world], self.local_batch(), rng)
+
+    def _batches(
+        self, order: list[int], batch_size: int, rng: np.random.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         carry_x = carry_y = None
         for start in range(0, len(order), self.buffer_chunks):
             parts = [
