@@ -500,3 +500,73 @@ def test_every_repeats_and_stops_on_sigterm(tmp_path):
         for _ in range(50):
             os.killpg(proc.pid, 0)
             time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------
+# scale-out: torchrun training roles, the replicated profile, Kubernetes
+
+K8S = ROOT / "deploy" / "k8s"
+
+
+def test_training_roles_run_under_torchrun_with_the_process_count_from_settings():
+    services = compose()["services"]
+    for name in ("pretrain", "emulator", "trainer"):
+        argv = services[name]["entrypoint"]
+        run = argv[argv.index("torchrun") :]
+        assert "--nproc-per-node=${MECS_TRAIN_PROCESSES:-1}" in run, name
+        assert "--nnodes=${MECS_TRAIN_NODES:-1}" in run, name
+        assert "--rdzv-endpoint=${MECS_TRAIN_RDZV_ENDPOINT:-localhost:29400}" in run, name
+        assert run[-2:] == ["-m", "mecs"], name
+    assert services["trainer"]["entrypoint"][0] == "mecs-every"
+
+
+def test_replicated_profile_puts_replicas_behind_nginx():
+    doc = compose()
+    services = doc["services"]
+    api, replica, lb = services["api"], services["api-replica"], services["lb"]
+    assert replica["profiles"] == lb["profiles"] == ["replicated"]
+    # replicas scale: no published port, no fixed name, a count from the env
+    assert not {"ports", "container_name"} & set(replica)
+    assert replica["deploy"]["replicas"] == "${DEPLOY_API_REPLICAS:-2}"
+    # the same role as the api: serve, health check, the repository read-only
+    assert replica["command"][0] == "serve" and replica["healthcheck"] == api["healthcheck"]
+    assert "models:/models:ro" in replica["volumes"] and replica["secrets"] == api["secrets"]
+    port = replica["command"][replica["command"].index("--port") + 1]
+    assert port == replica["environment"]["MECS_PORT"] == "8000"
+    # nginx, official image, the shipped config, started once the replicas are healthy
+    assert lb["image"].startswith("${DEPLOY_NGINX_IMAGE:-nginx:")
+    assert lb["configs"] == [{"source": "nginx", "target": "/etc/nginx/conf.d/default.conf"}]
+    assert doc["configs"]["nginx"]["file"] == "./deploy/nginx/mecs.conf"
+    assert lb["depends_on"]["api-replica"]["condition"] == "service_healthy"
+    assert "/v2/health/ready" in " ".join(lb["healthcheck"]["test"])
+    conf = (ROOT / "deploy" / "nginx" / "mecs.conf").read_text()
+    assert f"server api-replica:{port} " in conf and "listen 8080;" in conf
+    assert lb["ports"] == ["${DEPLOY_LB_PORT:-8080}:8080"]
+    assert "non_idempotent" in conf  # an infer call is resent to the next replica
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas():
+    import kubernetes_validate
+
+    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) >= {"Deployment", "Service"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    # the schema check is live: a mistake fails it
+    broken = json.loads(json.dumps(kinds["Deployment"]))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30.0", strict=True)
+    # readiness on /v2/health/ready, the compose image, the repository read-only
+    pod = kinds["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["image"] == compose()["services"]["api"]["image"].split(":-")[1][:-1]
+    assert container["args"][0] == "serve"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is True
+    # the Service selects the Deployment's pods
+    selector = kinds["Service"]["spec"]["selector"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
