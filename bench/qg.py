@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# the project first, and not bench/ itself: bench/service.py must not shadow the
+# service package when the mecs commands import it
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 from bench.common import DATA, RESULTS  # noqa: E402
 
