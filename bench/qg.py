@@ -242,9 +242,10 @@ def table(report: dict) -> str:
         lines.append(f"### {preset} ({len(res['seeds'])} seeds: mean, spread over seeds)\n")
         lines.append(
             "| correction | RMSE q1 5 d | ACC q1 5 d | free run | KE spectrum err | "
-            "distribution dist. | similarity | val loss |"
+            "energy flux err | correction energy err | distribution dist. | similarity | "
+            "val loss |"
         )
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         labels = list(
             dict.fromkeys(k for s in res["seeds"] for k, v in s.items() if "free_run" in v)
         )
@@ -264,6 +265,8 @@ def table(report: dict) -> str:
                 f"| {label}{seeds_note} | {stat(lambda r: (r.get('rmse_120h') or [None])[0])} | "
                 f"{stat(lambda r: (r.get('acc_120h') or [None])[0])} | {status} | "
                 f"{stat(lambda r: r.get('ke_spectral_error'))} | "
+                f"{stat(lambda r: r.get('energy_flux_error'))} | "
+                f"{stat(lambda r: r.get('correction_energy_error'))} | "
                 f"{stat(lambda r: r.get('distribution', {}).get('mean'))} | "
                 f"{stat(lambda r: r.get('similarity_to_truth'))} | "
                 f"{stat(lambda r: r.get('val_loss_a_posteriori'))} |"

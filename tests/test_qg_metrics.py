@@ -48,6 +48,28 @@ def test_energy_terms(flow):
     assert e["ke_upper"] > e["ke_lower"] > 0 and e["ape"] > 0 and e["drag_dissipation"] > 0
 
 
+def test_energy_transfer_spectra_close_the_budget(flow):
+    host, q = flow
+    # the nonlinear flux moves energy between scales and creates none
+    flux = m.energy_transfer_spectrum(host, q, m.advection_tendency(host, q))
+    assert abs(flux.sum()) < 0.02 * np.abs(flux).sum()
+    assert np.abs(flux).max() > 0
+    # a linear damping dq/dt = -r q removes energy at 2 r E, scale by scale
+    r = 1e-6
+    damp = m.energy_transfer_spectrum(host, q, -r * q)
+    total = float(host.energy(torch.from_numpy(q)).mean())
+    assert damp.sum() == pytest.approx(-2 * r * total, rel=0.03)
+    assert (damp[1:] <= 0).all()
+    assert m.transfer_error(damp, damp) == 0.0
+    assert m.transfer_error(2 * damp, damp) == pytest.approx(1.0)
+    # the subgrid forcing of a trajectory of the host itself is zero
+    traj = [q[:1]]
+    for _ in range(3):
+        traj.append(host.step(torch.from_numpy(traj[-1])).numpy())
+    states, forcing = m.subgrid_forcing(host, np.concatenate(traj), 1, np.arange(3))
+    assert np.abs(forcing).max() < 1e-12 * np.abs(states).max()
+
+
 def test_wasserstein_and_distribution_distances(flow):
     host, q = flow
     a = np.random.default_rng(0).normal(size=10000)

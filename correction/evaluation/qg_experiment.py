@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ..corrections import Correction
+from ..corrections import Correction, ZeroCorrection
 from . import qg_metrics as m
 
 LEADS_H = (24, 120, 240, 720)
@@ -53,6 +54,12 @@ def evaluate_corrections(
     daily = truth[:: max(1, round(24 / cfg.obs_interval))]
     truth_spec = m.isotropic_spectra(host, daily)
     truth_energy = m.energy_budget(host, daily)
+    # the energy budget by scale: the nonlinear flux of the truth, and the energy its
+    # subgrid forcing (what a perfect correction adds) brings to each scale
+    truth_flux = m.energy_transfer_spectrum(host, daily, m.advection_tendency(host, daily))
+    pick = np.unique(np.linspace(0, max(first, 2) - 2, 128).astype(int))
+    f_states, forcing = m.subgrid_forcing(host, truth, per, pick)
+    truth_forcing = m.energy_transfer_spectrum(host, f_states, forcing)
     free_steps = max(24, int(free_days * 24 / cfg.dt))
     results: dict[str, Any] = {}
     for label, corr in corrections.items():
@@ -82,6 +89,19 @@ def evaluate_corrections(
                 spec["enstrophy"], truth_spec["enstrophy"]
             )
             row["energy"] = m.energy_budget(host, tail)
+            flux = m.energy_transfer_spectrum(host, tail, m.advection_tendency(host, tail))
+            row["energy_flux_error"] = m.transfer_error(flux, truth_flux)
+            if corr is not None and not isinstance(corr, ZeroCorrection):
+                with torch.inference_mode():
+                    c = np.concatenate(
+                        [
+                            corr.tendency(torch.from_numpy(tail[lo : lo + 64])).double().numpy()
+                            for lo in range(0, len(tail), 64)
+                        ]
+                    )
+                injected = m.energy_transfer_spectrum(host, tail, c)
+                row["correction_energy_error"] = m.transfer_error(injected, truth_forcing)
+                row["correction_energy_rate"] = float(injected.sum())
             row["distribution"] = m.distribution_distances(host, tail, daily)
             if keep:
                 row["_spectrum"] = spec["ke"].tolist()
@@ -97,6 +117,9 @@ def evaluate_corrections(
             row["similarity_to_truth"] = 1 - d / none
     results["_truth"] = {
         "energy": truth_energy,
+        "energy_flux_spectrum": truth_flux.tolist(),
+        "forcing_energy_spectrum": truth_forcing.tolist(),
+        "forcing_energy_rate": float(truth_forcing.sum()),
         "spectrum": truth_spec["ke"].tolist(),
         "k": truth_spec["k"].tolist(),
         "last": truth[-1].tolist(),

@@ -102,6 +102,73 @@ def energy_budget(host: TwoLayerQG, q: np.ndarray) -> dict[str, float]:
     }
 
 
+def energy_transfer_spectrum(
+    host: TwoLayerQG, q: np.ndarray, tendency: np.ndarray, chunk: int = 64
+) -> np.ndarray:
+    """Time-mean rate at which ``tendency`` changes the total energy, per wavenumber bin.
+
+    The flow's energy is ``E = -1/2 sum_i w_i <psi_i q_i>`` (kinetic plus available
+    potential), so a PV tendency ``T`` changes it at ``-sum_i w_i Re(conj(psi_i) T_i)``
+    per Fourier mode. For the nonlinear advection this is the spectral energy flux
+    (it moves energy between scales and sums to zero); for a correction it says at
+    which scales the correction injects or removes energy, which is where a learned
+    closure that blows up goes wrong (backscatter at the grid scale). ``[nbins]``,
+    in energy units per unit time of ``tendency``.
+    """
+    ops = host.ops()
+    w1, w2 = host.layer_weights
+    lw = torch.tensor([w1, w2], dtype=torch.float64).reshape(1, 2, 1, 1)
+    n = host.nx
+    k2 = ops["k2"]
+    weight = torch.full_like(k2, 2.0)
+    weight[:, 0] = 1.0
+    weight[:, -1] = 1.0
+    total = torch.zeros_like(k2)
+    for lo in range(0, len(q), chunk):
+        ph = host.invert(torch.fft.rfft2(_t(q[lo : lo + chunk])), ops)
+        th = torch.fft.rfft2(_t(tendency[lo : lo + chunk]))
+        total += (-(lw * (ph.conj() * th).real).sum(1) * weight / n**4).sum(0)
+    total /= max(len(q), 1)
+    dk = 2 * math.pi / host.L
+    kbin = torch.round(torch.sqrt(k2) / dk).long()
+    nbins = n // 2
+    out = np.zeros(nbins)
+    for b in range(1, nbins):
+        out[b] = float(total[kbin == b].sum())
+    return out
+
+
+def advection_tendency(host: TwoLayerQG, q: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """``-J(psi, q)`` of every state (the nonlinear term alone), in 1/s per second."""
+    with torch.inference_mode():
+        parts = [host.jacobian_tendency(_t(q[lo : lo + chunk])) for lo in range(0, len(q), chunk)]
+    return torch.cat(parts).numpy()
+
+
+def subgrid_forcing(
+    host: TwoLayerQG, truth: np.ndarray, per: int, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The coarse-grained truth's forcing the host misses: ``(states, forcing)``.
+
+    ``(truth[t+1] - host^per(truth[t])) / (per dt)`` at the given starts, per host
+    time unit: what a perfect correction would add (the target of training).
+    """
+    x0 = _t(truth[starts])
+    with torch.inference_mode():
+        x = x0
+        for _ in range(per):
+            x = host.step(x)
+    forcing = (_t(truth[starts + 1]) - x) / (per * host.dt)
+    return x0.numpy(), forcing.numpy()
+
+
+def transfer_error(model: np.ndarray, truth: np.ndarray) -> float:
+    """``|model - truth| / |truth|`` over wavenumber bins 1 .. 2/3 of Nyquist."""
+    sl = slice(1, max(2, int(round(2 * len(truth) / 3))))
+    den = float(np.linalg.norm(truth[sl]))
+    return float(np.linalg.norm(model[sl] - truth[sl]) / den) if den > 0 else float("inf")
+
+
 def _quantities(host: TwoLayerQG, q: np.ndarray) -> dict[str, np.ndarray]:
     x = _t(q)
     u, v = host.velocities(x)
