@@ -201,3 +201,30 @@ def test_two_process_emulator_pools_its_states(tiny_synth, tmp_path):
     assert 0.8 * 600 <= config["training"]["n_states"] <= 600  # both ranks' shares
     assert np.isfinite(config["metrics"]["one_step_rmse"])
     assert config["metrics"]["one_step_rmse"] < config["metrics"]["host_one_step_change_rms"]
+
+
+def test_two_nodes_meet_at_a_rendezvous_endpoint(tiny_increments, tmp_path):
+    """Multi-node as compose's roles run it: two launchers (one per "node"), c10d."""
+    from support.balancer import free_port
+
+    settings = tmp_path / "pre.json"
+    settings.write_text(json.dumps({**FAST, "max_epochs": 2}))
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2"]
+    launcher += ["--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
+    launcher += ["--rdzv-id=mecs-test", "-m", "mecs", "pretrain", "--data", str(tiny_increments)]
+    launcher += ["--repository", str(tmp_path / "models"), "--name", "m"]
+    launcher += ["--config", str(settings), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [
+        subprocess.Popen(
+            launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    assert sum(o[0].count("pretrain: published") for o in outs) == 1
+    config = artifacts.read_config(tmp_path / "models" / "m" / "1")
+    assert config["training"]["world_size"] == 2
+    assert artifacts.list_versions(tmp_path / "models", "m") == [1]
