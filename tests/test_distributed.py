@@ -69,6 +69,8 @@ def test_ranks_stream_disjoint_shards_with_equal_steps(tiny_increments):
     # an odd global batch: the shares still add up to it
     odd = [BatchStream(source, "train", 65, 3, rank=r, world=2) for r in range(2)]
     assert sum(s.local_batch() for s in odd) == 65
+    with pytest.raises(ValueError, match="smaller than the 4 processes"):
+        BatchStream(source, "train", 3, 3, rank=0, world=4)
     # more ranks than chunks: each takes its share of every global batch
     many = [
         BatchStream(source, "train", 64, 3, True, 2, rank=r, world=64, equal_steps=True)
@@ -148,10 +150,11 @@ def parent(tiny_increments, tmp_path_factory):
     "mode", ["unrolled", pytest.param("differentiable", marks=pytest.mark.slow)]
 )
 def test_two_process_finetuning_gives_the_one_process_weights(parent, tiny_synth, mode):
-    """Each rank unrolls half of the same windows; averaged gradients are the same step."""
+    """Each rank unrolls its share of the same windows: the same step as one process."""
     args = ["finetune", "--mode", mode, "--host", "torch:l96", "--data", str(tiny_synth)]
     args += ["--repository", str(parent), "--name", "m", "--from", "1", "--iterations", "12"]
-    args += ["--unroll", "3", "--batch-size", "8", "--no-progress"]
+    # 7 windows: shares of 4 and 3, which only per-window weighting makes one step
+    args += ["--unroll", "3", "--batch-size", "7", "--no-progress"]
     out = run(torchrun(2, *args))
     assert out.count("finetune: published") == 1
     run([sys.executable, "-m", "mecs", *args])

@@ -134,6 +134,11 @@ class BatchStream:
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.shuffle, self.buffer_chunks = shuffle, buffer_chunks
         self.rank, self.world, self.equal_steps = rank, world, equal_steps
+        if batch_size < world:
+            raise ValueError(
+                f"batch_size {batch_size} is smaller than the {world} processes that share "
+                "each batch"
+            )
         idx = source.indices(split)
         self.groups = [
             g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1) if len(g)

@@ -68,6 +68,13 @@ class Distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
+    def share(self, n: int) -> float:
+        """``world * n / (n summed over ranks)``: the factor that makes DDP's average
+        of per-rank mean losses the mean over every rank's samples (1 on one rank)."""
+        if not self.active:
+            return 1.0
+        return self.world * n / max(self.sum(n)[0], 1.0)
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -90,11 +97,16 @@ class Distributed:
         """``module`` under DistributedDataParallel when there are several ranks."""
         if not self.active:
             return module
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # the buffers are normalisation constants: nothing to broadcast per step
-        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        # the buffers are normalisation constants: nothing to synchronise per step
+        # (newer torch names the option forward_sync_buffers, older broadcast_buffers)
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        return DistributedDataParallel(module, device_ids=ids, **{key: False})
 
     @property
     def _comm_device(self) -> torch.device:
@@ -141,6 +153,8 @@ def context(device: str = "cpu") -> Distributed:
         _CONTEXT = Distributed(rank, world, local, dev)
     if dev.type == "cuda" and dist.get_backend() != "nccl":
         raise ValueError("this job's process group is gloo (CPU); a GPU stage cannot join it")
+    if dev.type == "cpu" and dist.get_backend() == "nccl":
+        raise ValueError("this job's process group is NCCL (GPU); a CPU stage cannot join it")
     return Distributed(rank, world, local, dev)
 
 

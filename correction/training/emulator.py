@@ -195,7 +195,10 @@ def train_emulator(
     yn = (yt - model._expand(model.out_mean)) / model._expand(model.out_std)
     objective = dist.wrap(
         distributed.Objective(
-            model, lambda xb, yb: torch.mean((model.forward_normalised(xb) - yb) ** 2)
+            model,
+            lambda xb, yb: (
+                torch.mean((model.forward_normalised(xb) - yb) ** 2) * dist.share(len(xb))
+            ),
         )
     )
     batch = max(cfg.batch_size // dist.world, 1)

@@ -53,7 +53,9 @@ class PretrainResult:
 
 
 def _run_key(source: IncrementSource, cfg: PretrainConfig) -> str:
-    body = json.dumps([source.attrs.get("content_hash"), cfg.to_dict()], sort_keys=True)
+    # the device is not part of the run: a checkpoint resumes on CPU or GPU alike
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    body = json.dumps([source.attrs.get("content_hash"), settings], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -122,11 +124,12 @@ def pretrain(
     normalisation = source.normalisation()
     model.set_normalisation(*normalisation)
     model.to(dist.device)
-    objective = dist.wrap(
-        distributed.Objective(
-            model, lambda x, yn: torch.mean((model.forward_normalised(x) - yn) ** 2)
-        )
-    )
+
+    def step_loss(x: torch.Tensor, yn: torch.Tensor, share: float) -> torch.Tensor:
+        # DDP averages the ranks' gradients: weigh each by its share of the samples
+        return torch.mean((model.forward_normalised(x) - yn) ** 2) * share
+
+    objective = dist.wrap(distributed.Objective(model, step_loss))
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optim, factor=cfg.lr_factor, patience=cfg.lr_patience
@@ -160,6 +163,11 @@ def pretrain(
         sched.load_state_dict(states["scheduler"])
         history, best_val = prog["history"], prog["best_val"]
         best_epoch, bad_epochs, start_epoch = prog["best_epoch"], prog["bad_epochs"], prog["epoch"]
+    if dist.min(start_epoch) != -dist.min(-start_epoch):
+        raise ValueError(
+            f"the ranks found different checkpoints in {work}: under torchrun the "
+            "repository (its .train-* directory) must be on a file system every rank sees"
+        )
     resumed_from = start_epoch if resumed is not None else None
     if not history:
         history.append({"epoch": 0, "val_loss": evaluate_loss(model, val, dist)})
@@ -184,11 +192,12 @@ def pretrain(
         for x, y in bar:
             x, y = x.to(dist.device), y.to(dist.device)
             yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
-            loss = objective(x, yn)
+            share = dist.share(len(x))
+            loss = objective(x, yn, share)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
-            total += loss.item() * len(x)
+            total += loss.item() / share * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         total, count = dist.sum(total, count)

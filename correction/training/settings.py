@@ -49,8 +49,9 @@ class PretrainConfig:
     buffer_chunks: int = 4
     seed: int = 0
     threads: int | None = None
-    # cpu, cuda or auto (a GPU when one is visible); under torchrun, each rank's GPU
-    device: str = "auto"
+    # cpu, cuda or auto (a GPU when one is visible); under torchrun, each rank's GPU.
+    # CPU unless asked: a GPU changes the numbers a seed gives
+    device: str = "cpu"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:

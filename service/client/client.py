@@ -238,7 +238,7 @@ class CorrectionClient(Degradation):
             if status >= 400:
                 raise RequestRejected(f"{method} {path}: {status} {error_message(data)}", status)
             return status, h, data
-        if n > 1 and last is not None:
+        if n > 1 and attempts >= n and last is not None:
             raise type(last)(f"all {n} endpoints failed; last: {last}", last.status)
         raise last  # type: ignore[misc]
 

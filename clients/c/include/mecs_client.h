@@ -117,7 +117,8 @@ long long mecs_degraded_steps(const mecs_client *c);
 long long mecs_failures(const mecs_client *c);  /* failed calls, in all */
 long long mecs_calls(const mecs_client *c);     /* infer requests sent */
 long long mecs_failovers(const mecs_client *c); /* moves to another endpoint, in all */
-const char *mecs_endpoint(const mecs_client *c); /* the endpoint in use (owned by c) */
+const char *mecs_endpoint(const mecs_client *c); /* the endpoint in use (owned by c, valid
+                                                   until the next mecs_connect or mecs_close) */
 int mecs_circuit_open(const mecs_client *c);    /* 1 while the breaker is open */
 int64_t mecs_state_size(const mecs_client *c);  /* values in one member's state */
 int mecs_state_rank(const mecs_client *c);

@@ -678,6 +678,7 @@ int mecs_connect(mecs_client *c) {
 
 /* Split the url option at commas into the endpoints, each checked and stripped of '/'. */
 static int split_endpoints(mecs_client *c) {
+    int keep = c->active; /* a reconnect stays on the endpoint that answered last */
     for (int i = 0; i < c->n_bases; i++) free(c->bases[i]);
     c->n_bases = c->active = 0;
     const char *p = c->url;
@@ -696,13 +697,15 @@ static int split_endpoints(mecs_client *c) {
             memcpy(b, q, n);
             b[n] = '\0';
             c->bases[c->n_bases++] = b;
-            if (strncmp(b, "http://", 7) != 0 && strncmp(b, "https://", 8) != 0)
+            size_t scheme = strncmp(b, "http://", 7) == 0 ? 7 : strncmp(b, "https://", 8) == 0 ? 8 : 0;
+            if (!scheme || !b[scheme] || b[scheme] == '/' || b[scheme] == ':')
                 return fail(c, MECS_E_ARGUMENT, "url must be http(s)://host[:port], got '%s'", b);
         }
         p += strcspn(p, ",");
         if (*p == ',') p++;
     }
     if (!c->n_bases) return fail(c, MECS_E_ARGUMENT, "options url and model are needed");
+    if (keep < c->n_bases) c->active = keep;
     return MECS_OK;
 }
 

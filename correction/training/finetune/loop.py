@@ -129,7 +129,12 @@ def finetune(
 
     objective = dist.wrap(
         distributed.Objective(
-            model, lambda starts, n: strategy.loss(a, starts, n, out_std, clim_var)
+            # each rank's mean over its windows, weighed by its share of the batch
+            model,
+            lambda starts, n: (
+                strategy.loss(a, starts, n, out_std, clim_var)
+                * (dist.world * len(starts) / cfg.batch_size)
+            ),
         )
     )
 
