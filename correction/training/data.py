@@ -144,9 +144,13 @@ class BatchStream:
             g for g in np.split(idx, np.flatnonzero(np.diff(idx // source.chunk)) + 1) if len(g)
         ]
         self.n_samples = len(idx)
-        # fewer chunks than ranks (a small store): every rank streams the whole split
-        # and takes its share of each global batch, the batches one process would see
-        self.by_chunks = world == 1 or len(self.groups) >= world
+        # Chunks per rank when that keeps nearly every sample: equal steps cut each
+        # epoch at the rank with the fewest samples. Otherwise (fewer chunks than
+        # ranks, or a few chunks of unequal size) every rank streams the whole split
+        # and takes its share of each global batch: the batches one process sees.
+        self.by_chunks = world == 1 or (
+            len(self.groups) >= world and self._chunk_plan_keeps(0) >= 0.95
+        )
 
     def local_batch(self, rank: int | None = None) -> int:
         """This rank's share of the global batch (the shares add up to it)."""
@@ -160,6 +164,16 @@ class BatchStream:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.groups)) if self.shuffle else range(len(self.groups))
         return rng, list(order)
+
+    def _chunk_plan_keeps(self, epoch: int) -> float:
+        """The fraction of the split that sharding by chunks would train on."""
+        _, order = self._order(epoch)
+        sizes = [
+            sum(len(self.groups[i]) for i in order[r :: self.world]) for r in range(self.world)
+        ]
+        steps = min(math.ceil(n / self.local_batch(r)) for r, n in enumerate(sizes))
+        kept = sum(min(n, steps * self.local_batch(r)) for r, n in enumerate(sizes))
+        return kept / max(self.n_samples, 1)
 
     def steps(self, epoch: int) -> int:
         """Batches every rank can yield this epoch (the fewest over ranks)."""
