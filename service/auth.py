@@ -25,9 +25,15 @@ SCOPES = ("inference", "admin")
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the scope of the key (``anonymous`` when auth is off)."""
+    """Who is calling: the scope of the key (``anonymous`` when auth is off).
+
+    ``key_id`` tells keys apart without holding them (the first bytes of the key's
+    digest, hex): what a caller registers, such as a shared-memory region, is its
+    own and no other key's.
+    """
 
     scope: str
+    key_id: str = "anonymous"
 
 
 def _digest(key: str) -> bytes:
@@ -57,21 +63,28 @@ class KeyStore:
 
     def scope_of(self, token: str) -> str | None:
         """The highest scope the token grants, or None; always checks every entry."""
+        return self.lookup(token)[0]
+
+    def lookup(self, token: str) -> tuple[str | None, str]:
+        """``(highest scope or None, key id)``; always checks every entry."""
         digest = hashlib.sha256(token.encode()).digest()
         found = None
         for stored, scope in self.entries:
             if hmac.compare_digest(stored, digest) and found != "admin":
                 found = scope
-        return found
+        return found, digest[:8].hex()
 
 
 def authenticate(request: Request, need: str) -> Principal:
     """The caller's principal if its key grants ``need``; 401/403 otherwise."""
-    state = request.app.state.mecs
+    return check_key(request.app.state.mecs, request.headers.get("authorization", ""), need)
+
+
+def check_key(state, header: str, need: str) -> Principal:
+    """:func:`authenticate` on the raw ``Authorization`` header (the ASGI hot path)."""
     keys: KeyStore = state.keys
     if not keys.enabled:
-        return Principal("anonymous")
-    header = request.headers.get("authorization", "")
+        return ANONYMOUS
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         state.metrics.auth_failures.labels("missing").inc()
@@ -80,14 +93,17 @@ def authenticate(request: Request, need: str) -> Principal:
             "missing bearer API key (send 'Authorization: Bearer <key>')",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    scope = keys.scope_of(token.strip())
+    scope, key_id = keys.lookup(token.strip())
     if scope is None:
         state.metrics.auth_failures.labels("invalid").inc()
         raise ServiceError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     if need == "admin" and scope != "admin":
         state.metrics.auth_failures.labels("scope").inc()
         raise ServiceError(403, "this API key has the inference scope; this endpoint needs admin")
-    return Principal(scope)
+    return Principal(scope, key_id)
+
+
+ANONYMOUS = Principal("anonymous")
 
 
 async def require_inference(request: Request) -> Principal:

@@ -14,6 +14,16 @@ The dispatch rule, per model version:
   waits and callers that arrive together leave together;
 - or when the oldest request has waited ``batch_max_delay_ms`` (the bound).
 
+Timestep groups change the rule for callers that say they step together: a request
+with ``group`` and ``group_size`` parameters (ensemble members or MPI ranks of one
+run, each sending its state for the same step) waits for its group instead of for
+"no one else on the way". The queue is released the moment the group's
+``group_size``-th request arrives (everything queued leaves, in batches of at most
+``batch_max_size``), or when its oldest request has waited ``batch_group_timeout_ms``.
+Arrivals are counted per group, so a group larger than ``batch_max_size`` leaves in
+several batches without waiting for the timeout, and after a timeout the count
+starts again, so a late member joins the next step's batch.
+
 Requests are never split across batches (one request larger than the batch size
 runs alone). Small batches run on the event loop (a thread hop costs more than a
 small forward); batches above ``inline_forward_max_values`` values run on a single
@@ -86,10 +96,26 @@ class BatchResult:
 
 
 class _Item:
-    __slots__ = ("state", "forcings", "future", "t")
+    __slots__ = ("state", "forcings", "future", "t", "group")
 
-    def __init__(self, state, forcings, future, t):
+    def __init__(self, state, forcings, future, t, group=None):
         self.state, self.forcings, self.future, self.t = state, forcings, future, t
+        self.group = group
+
+
+class _Group:
+    """Arrivals of one timestep group since its last release."""
+
+    __slots__ = ("arrived", "size", "queued")
+
+    def __init__(self, size: int) -> None:
+        self.arrived = 0
+        self.size = size
+        self.queued = 0
+
+
+#: timestep groups remembered per queue; past it, groups with nothing queued are dropped
+MAX_GROUPS = 4096
 
 
 class Batcher:
@@ -105,6 +131,7 @@ class Batcher:
         max_queue_samples: int,
         inline_max_values: int,
         observe: Callable[[int, int, float, list[float]], None] | None = None,
+        group_timeout_s: float = 0.05,
     ) -> None:
         self.compute = compute
         self.traffic = traffic
@@ -114,6 +141,10 @@ class Batcher:
         self.max_queue_samples = max_queue_samples
         self.inline_max_values = inline_max_values
         self.observe = observe
+        self.group_timeout_s = group_timeout_s
+        self.groups: dict[str, _Group] = {}
+        self.grouped = 0  # queued requests that belong to a group
+        self.flush = False  # a group is complete: release everything queued
         self.items: deque[_Item] = deque()
         self.samples = 0
         self._scheduled = False
@@ -130,9 +161,16 @@ class Batcher:
         self.traffic.batchers.discard(self)
 
     async def submit(
-        self, state: np.ndarray, forcings: np.ndarray | None = None, ticket: Ticket | None = None
+        self,
+        state: np.ndarray,
+        forcings: np.ndarray | None = None,
+        ticket: Ticket | None = None,
+        group: tuple[str, int] | None = None,
     ) -> BatchResult:
-        """Queue ``state`` (``[b, *shape]`` in the model dtype); resolve with its slice."""
+        """Queue ``state`` (``[b, *shape]`` in the model dtype); resolve with its slice.
+
+        ``group`` is ``(name, size)`` for a request of a timestep group.
+        """
         n = state.shape[0]
         if ticket is not None:
             ticket.arrived()
@@ -152,10 +190,29 @@ class Batcher:
             )
             return self._deliver([item], out, dt, n)
         future = loop.create_future()
-        self.items.append(_Item(state, forcings, future, time.perf_counter()))
+        key = None
+        if group is not None:
+            key, size = group
+            g = self.groups.get(key)
+            if g is None:
+                if len(self.groups) >= MAX_GROUPS:
+                    self._forget_idle_groups()
+                g = self.groups[key] = _Group(size)
+            g.size = size
+            g.arrived += 1
+            g.queued += 1
+            self.grouped += 1
+            if g.arrived >= g.size:  # the whole group is here (or has been sent already)
+                g.arrived = 0
+                self.flush = True
+        self.items.append(_Item(state, forcings, future, time.perf_counter(), key))
         self.samples += n
         self.wake()
         return await future
+
+    def _forget_idle_groups(self) -> None:
+        for key in [k for k, g in self.groups.items() if not g.queued]:
+            del self.groups[key]
 
     def wake(self) -> None:
         """Re-check the queue after the tasks already runnable have run."""
@@ -171,21 +228,26 @@ class Batcher:
         self._scheduled = False
         while self.items:
             now = time.perf_counter()
-            waited = now - self.items[0].t
+            first = self.items[0]
+            waited = now - first.t
+            bound = self.max_delay_s if first.group is None else self.group_timeout_s
+            timed_out = waited >= bound
             if not (
-                self.samples >= self.max_size
-                or self.traffic.approaching <= 0
-                or waited >= self.max_delay_s
+                self.flush
+                or self.samples >= self.max_size
+                or timed_out
+                or (self.traffic.approaching <= 0 and len(self.items) > self.grouped)
             ):
                 if self._timer is None and self._loop is not None:
-                    self._timer = self._loop.call_later(self.max_delay_s - waited, self._on_timer)
+                    self._timer = self._loop.call_later(bound - waited, self._on_timer)
                 return
-            self._dispatch(self._take())
+            self._dispatch(self._take(timed_out and not self.flush))
+        self.flush = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _take(self) -> list[_Item]:
+    def _take(self, timed_out: bool = False) -> list[_Item]:
         batch = [self.items.popleft()]
         total = batch[0].state.shape[0]
         while self.items and total + self.items[0].state.shape[0] <= self.max_size:
@@ -193,6 +255,18 @@ class Batcher:
             batch.append(item)
             total += item.state.shape[0]
         self.samples -= total
+        if self.grouped:
+            for it in batch:
+                if it.group is not None:
+                    self.grouped -= 1
+                    g = self.groups.get(it.group)
+                    if g is None:
+                        continue
+                    g.queued -= 1
+                    if timed_out:  # a member is late: count this group's next step afresh
+                        g.arrived = 0
+                    if not g.queued and not g.arrived:
+                        del self.groups[it.group]
         return batch
 
     def _dispatch(self, batch: list[_Item]) -> None:

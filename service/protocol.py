@@ -96,6 +96,98 @@ def _as_dict(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+@dataclass
+class TensorSpec:
+    """One input or output as the request header declares it.
+
+    An input's values come from exactly one place: ``data`` (JSON values, decoded
+    with the header), ``binary_data_size`` bytes at ``offset`` of the payload that
+    follows the header, or a registered shared-memory region (``region``,
+    ``region_offset``, ``size``).
+    """
+
+    name: str
+    datatype: str = ""
+    shape: tuple[int, ...] = ()
+    offset: int = 0
+    size: int = 0
+    data: np.ndarray | None = None
+    region: str | None = None
+    region_offset: int = 0
+    binary: bool = False
+
+
+@dataclass
+class RequestHeader:
+    """An infer request's JSON header, checked; the tensors' bytes not yet read.
+
+    Everything here follows from the header's bytes alone, so a server may keep it
+    for the next request with the same header (``cacheable``: no JSON values inside,
+    which would make every header unique).
+    """
+
+    inputs: list[TensorSpec]
+    id: str | None
+    parameters: dict[str, Any]
+    outputs: list[TensorSpec]
+    binary_default: bool
+    payload_size: int
+    cacheable: bool
+
+    def to_request(self, payload: memoryview | bytes | bytearray) -> InferRequest:
+        """The request with its binary inputs read from ``payload`` (no region inputs)."""
+        if len(payload) != self.payload_size:
+            raise ProtocolError(payload_mismatch(self.payload_size, len(payload)))
+        inputs, datatypes = {}, {}
+        for t in self.inputs:
+            if t.region is not None:
+                raise ProtocolError(
+                    f"input '{t.name}' refers to shared-memory region '{t.region}', which "
+                    "this endpoint does not read"
+                )
+            if t.data is not None:
+                arr = t.data
+            else:
+                dtype = DATATYPES[t.datatype]
+                arr = np.frombuffer(payload, dtype, t.size // dtype.itemsize, t.offset)
+                arr = arr.reshape(t.shape)
+            inputs[t.name] = arr
+            datatypes[t.name] = t.datatype
+        binary = {o.name for o in self.outputs if o.binary}
+        names = [o.name for o in self.outputs]
+        return InferRequest(
+            inputs, datatypes, self.id, self.parameters, names, binary, self.binary_default
+        )
+
+
+def payload_mismatch(expected: int, got: int) -> str:
+    if got < expected:
+        return (
+            f"the inputs' binary_data_size values add up to {expected} bytes but only "
+            f"{got} bytes follow the JSON header"
+        )
+    return (
+        f"{got - expected} bytes after the JSON header belong to no input "
+        "(binary_data_size values do not add up)"
+    )
+
+
+def split_body(
+    body: bytes | bytearray, header_length: str | int | None
+) -> tuple[bytes | bytearray, memoryview]:
+    """A body's JSON header and its binary payload (``header_length``: the HTTP header)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        hlen = int(header_length)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if hlen < 0 or hlen > len(body):
+        raise ProtocolError(f"{HEADER_LENGTH} is {hlen} but the body has only {len(body)} bytes")
+    view = memoryview(body)
+    return bytes(view[:hlen]), view[hlen:]
+
+
 def parse_infer_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
     """Decode an infer request body (JSON, or binary when ``header_length`` is given).
 
@@ -103,20 +195,12 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None) -> 
     more than the body's own size: declared shapes are checked against the bytes or
     values actually sent before any array is built.
     """
-    if header_length is not None:
-        try:
-            hlen = int(header_length)
-        except (TypeError, ValueError):
-            raise ProtocolError(
-                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
-            ) from None
-        if hlen < 0 or hlen > len(body):
-            raise ProtocolError(
-                f"{HEADER_LENGTH} is {hlen} but the body has only {len(body)} bytes"
-            )
-        header_bytes, payload = body[:hlen], memoryview(body)[hlen:]
-    else:
-        header_bytes, payload = body, memoryview(b"")
+    header_bytes, payload = split_body(body, header_length)
+    return parse_request_header(header_bytes).to_request(payload)
+
+
+def parse_request_header(header_bytes: bytes | bytearray | memoryview) -> RequestHeader:
+    """Decode and check an infer request's JSON header (:class:`ProtocolError` if wrong)."""
     header = loads_json(header_bytes, "request body")
     if not isinstance(header, dict):
         raise ProtocolError("request body must be a JSON object with an 'inputs' list")
@@ -127,17 +211,19 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None) -> 
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("'inputs' must be a non-empty list of tensors")
-    inputs: dict[str, np.ndarray] = {}
-    datatypes: dict[str, str] = {}
+    inputs: list[TensorSpec] = []
+    seen: set[str] = set()
     offset = 0
+    cacheable = True
     for tensor in raw_inputs:
         if not isinstance(tensor, dict):
             raise ProtocolError("every entry of 'inputs' must be a JSON object")
         name = tensor.get("name")
         if not isinstance(name, str) or not name:
             raise ProtocolError("every input needs a non-empty string 'name'")
-        if name in inputs:
+        if name in seen:
             raise ProtocolError(f"input '{name}' is given twice")
+        seen.add(name)
         datatype = tensor.get("datatype")
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise ProtocolError(
@@ -147,40 +233,65 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None) -> 
         dtype = DATATYPES[datatype]
         shape = _check_shape(name, tensor.get("shape"))
         count = math.prod(shape)
+        nbytes = count * dtype.itemsize
         tparams = _as_dict(tensor.get("parameters"), f"input '{name}': 'parameters'")
+        spec = TensorSpec(name, datatype, shape)
+        region = _region_of(f"input '{name}'", tparams, nbytes)
         size = tparams.get("binary_data_size")
-        if size is not None:
+        if region is not None:
+            if size is not None or "data" in tensor:
+                raise ProtocolError(
+                    f"input '{name}': give its values once: shared memory, binary_data_size or data"
+                )
+            spec.region, spec.region_offset = region
+            spec.size = nbytes
+        elif size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise ProtocolError(f"input '{name}': binary_data_size must be an integer >= 0")
-            if size != count * dtype.itemsize:
+            if size != nbytes:
                 raise ProtocolError(
                     f"input '{name}': shape {list(shape)} of {datatype} needs "
-                    f"{count * dtype.itemsize} bytes but binary_data_size is {size}",
+                    f"{nbytes} bytes but binary_data_size is {size}",
                     "shape",
                 )
-            if offset + size > len(payload):
-                raise ProtocolError(
-                    f"input '{name}': binary data ends at byte {offset + size} but only "
-                    f"{len(payload)} bytes follow the JSON header"
-                )
-            arr = np.frombuffer(payload[offset : offset + size], dtype=dtype).reshape(shape)
+            spec.offset, spec.size = offset, size
             offset += size
         else:
             if "data" not in tensor:
                 raise ProtocolError(f"input '{name}': no 'data' and no binary_data_size")
-            arr = _json_data(name, tensor["data"], shape, dtype)
-        inputs[name] = arr
-        datatypes[name] = datatype
-    if offset != len(payload):
-        raise ProtocolError(
-            f"{len(payload) - offset} bytes after the JSON header belong to no input "
-            "(binary_data_size values do not add up)"
-        )
-    outputs, binary = _requested_outputs(header.get("outputs"))
+            spec.data = _json_data(name, tensor["data"], shape, dtype)
+            cacheable = False
+        inputs.append(spec)
+    outputs = _requested_outputs(header.get("outputs"))
     default = parameters.get("binary_data_output", False)
     if not isinstance(default, bool):
         raise ProtocolError("parameter 'binary_data_output' must be true or false")
-    return InferRequest(inputs, datatypes, rid, parameters, outputs, binary, default)
+    return RequestHeader(inputs, rid, parameters, outputs, default, offset, cacheable)
+
+
+def _region_of(what: str, params: dict[str, Any], nbytes: int | None) -> tuple[str, int] | None:
+    """``(region, offset)`` of a tensor in shared memory, or None when it is not there.
+
+    ``nbytes`` is the tensor's size where the header states it (inputs): the
+    declared ``shared_memory_byte_size`` must match it.
+    """
+    region = params.get("shared_memory_region")
+    if region is None:
+        return None
+    if not isinstance(region, str) or not region:
+        raise ProtocolError(f"{what}: shared_memory_region must be a non-empty string")
+    size = params.get("shared_memory_byte_size")
+    off = params.get("shared_memory_offset", 0)
+    for key, value in (("shared_memory_byte_size", size), ("shared_memory_offset", off)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProtocolError(f"{what}: {key} must be an integer >= 0, got {value!r}")
+    if nbytes is not None and size != nbytes:
+        raise ProtocolError(
+            f"{what}: its shape and datatype need {nbytes} bytes but shared_memory_byte_size "
+            f"is {size}",
+            "shape",
+        )
+    return region, off
 
 
 def _json_data(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -205,25 +316,29 @@ def _json_data(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype) ->
         return arr.astype(dtype).reshape(shape)
 
 
-def _requested_outputs(raw: Any) -> tuple[list[str], set[str]]:
+def _requested_outputs(raw: Any) -> list[TensorSpec]:
     if raw is None:
-        return [], set()
+        return []
     if not isinstance(raw, list):
         raise ProtocolError("'outputs' must be a list")
-    names, binary = [], set()
-    for out in raw:
-        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ProtocolError("every entry of 'outputs' needs a string 'name'")
-        params = _as_dict(out.get("parameters"), f"output '{out['name']}': 'parameters'")
+        name = entry["name"]
+        params = _as_dict(entry.get("parameters"), f"output '{name}': 'parameters'")
         if "classification" in params:
             raise ProtocolError("the classification extension is not supported")
         flag = params.get("binary_data", False)
         if not isinstance(flag, bool):
-            raise ProtocolError(f"output '{out['name']}': binary_data must be true or false")
-        names.append(out["name"])
-        if flag:
-            binary.add(out["name"])
-    return names, binary
+            raise ProtocolError(f"output '{name}': binary_data must be true or false")
+        spec = TensorSpec(name, binary=flag)
+        region = _region_of(f"output '{name}'", params, None)
+        if region is not None:
+            spec.region, spec.region_offset = region
+            spec.size = params["shared_memory_byte_size"]
+        out.append(spec)
+    return out
 
 
 def _tensor_json(name: str, arr: np.ndarray, binary: bool) -> dict[str, Any]:

@@ -81,6 +81,32 @@ class ServiceSettings(BaseSettings):
     batch_max_delay_ms: float = Field(
         2.0, ge=0, description="longest a request waits for companions"
     )
+    batch_group_timeout_ms: float = Field(
+        50.0,
+        ge=0,
+        description="longest a request of a timestep group (parameters group, group_size) "
+        "waits for the rest of its group",
+    )
+    shared_memory: bool = Field(
+        False,
+        description="system shared-memory regions for callers on this host "
+        "(/v2/systemsharedmemory); off, those endpoints answer 404",
+    )
+    shared_memory_root: Path = Field(
+        Path("/dev/shm"), description="where shared-memory keys are looked up"
+    )
+    max_shared_memory_regions: int = Field(
+        64, ge=1, description="shared-memory regions registered at once, over all callers"
+    )
+    max_shared_memory_bytes: int = Field(
+        1 << 30, ge=1, description="bytes of shared memory mapped at once, over all regions"
+    )
+    shared_memory_idle_s: float = Field(
+        3600.0,
+        gt=0,
+        description="a region unused this long is unregistered (a caller that died without "
+        "unregistering)",
+    )
     max_queue_samples: int = Field(
         65536, ge=1, description="queued samples per model version before 503"
     )

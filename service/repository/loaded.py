@@ -44,6 +44,8 @@ class LoadedModel:
             max_values=settings.forward_max_values,
         )
         self.dtype = self.forward.dtype
+        # checked request headers of this version (service.routers.checks.plan_for)
+        self.plans: dict[bytes, object] = {}
         self.runtime = self.forward.runtime
         labels = (self.name, self.version_str)
         # this version's series, resolved once: the hot path updates them directly
@@ -71,12 +73,17 @@ class LoadedModel:
             max_queue_samples=settings.max_queue_samples,
             inline_max_values=settings.inline_forward_max_values,
             observe=observe,
+            group_timeout_s=settings.batch_group_timeout_ms / 1000.0,
         )
 
     async def correct(
-        self, state: np.ndarray, forcings: np.ndarray | None = None, ticket=None
+        self,
+        state: np.ndarray,
+        forcings: np.ndarray | None = None,
+        ticket=None,
+        group: tuple[str, int] | None = None,
     ) -> BatchResult:
-        return await self.batcher.submit(state, forcings, ticket)
+        return await self.batcher.submit(state, forcings, ticket, group)
 
     def warm_up(self) -> None:
         """One forward pass so the first real request does not pay allocation costs."""

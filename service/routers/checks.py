@@ -8,13 +8,22 @@ input, parameter or value at fault; ``reason`` labels ``mecs_rejected_inputs_tot
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from correction.timeunits import MODEL_UNIT, TimeUnitError, canonical_unit
 from correction.timeunits import scale as time_scale
 
-from ..protocol import MAX_DEGRADED_STEPS_PER_CALL, InferRequest, ProtocolError
+from ..protocol import (
+    DATATYPES,
+    MAX_DEGRADED_STEPS_PER_CALL,
+    ProtocolError,
+    RequestHeader,
+    TensorSpec,
+    parse_request_header,
+    payload_mismatch,
+)
 from ..repository import LoadedModel
 
 
@@ -22,43 +31,151 @@ def reject(message: str, reason: str) -> ProtocolError:
     return ProtocolError(message, reason)
 
 
-def validate_inputs(model: LoadedModel, req: InferRequest) -> tuple[np.ndarray, np.ndarray | None]:
-    """The state (and forcings) as contiguous arrays in the model's dtype."""
-    allowed = {"state", "forcings"} if model.n_forcings else {"state"}
-    for name in req.inputs:
-        if name not in allowed:
+class InferPlan:
+    """One request header checked against one model version, kept for the next call.
+
+    A forecast model sends the same header every timestep (same shapes, datatypes,
+    parameters), so everything that follows from the header alone is worked out
+    once: which inputs there are and where their bytes lie, the shape checks, the
+    request parameters, the time-unit factor, and the answer's JSON header for
+    each batch size. Per call only the values are checked (finite, in the model's
+    range) and the forward runs. A plan holds nothing of a request's data.
+    """
+
+    __slots__ = (
+        "state",
+        "forcings",
+        "output",
+        "extra",
+        "degraded",
+        "factor",
+        "binary",
+        "want",
+        "id",
+        "payload_size",
+        "heads",
+        "regions",
+        "group",
+    )
+
+    def __init__(
+        self, model: LoadedModel, header: RequestHeader, max_dt_ratio: float, json_limit: int
+    ):
+        allowed = {"state", "forcings"} if model.n_forcings else {"state"}
+        specs = {t.name: t for t in header.inputs}
+        for name in specs:
+            if name not in allowed:
+                raise reject(
+                    f"unknown input '{name}'; model '{model.name}' takes {sorted(allowed)}",
+                    "bad_request",
+                )
+        state = specs.get("state")
+        if state is None:
+            raise reject(f"input 'state' is missing (model '{model.name}')", "bad_request")
+        want = model.state_shape
+        shape = state.shape
+        if len(shape) != len(want) + 1 or shape[1:] != want or shape[0] < 1:
+            dims = ", ".join(model.corrector.layout.state_dims)
             raise reject(
-                f"unknown input '{name}'; model '{model.name}' takes {sorted(allowed)}",
-                "bad_request",
-            )
-    if "state" not in req.inputs:
-        raise reject(f"input 'state' is missing (model '{model.name}')", "bad_request")
-    x = req.inputs["state"]
-    want = model.state_shape
-    if x.ndim != len(want) + 1 or x.shape[1:] != want or x.shape[0] < 1:
-        dims = ", ".join(model.corrector.layout.state_dims)
-        raise reject(
-            f"input 'state' has shape {list(x.shape)}; model '{model.name}' version "
-            f"{model.version} expects [batch, {', '.join(map(str, want))}] with batch >= 1 "
-            f"(dims: batch, {dims})",
-            "shape",
-        )
-    f = req.inputs.get("forcings")
-    if model.n_forcings:
-        if f is None:
-            raise reject(f"input 'forcings' [batch, {model.n_forcings}] is missing", "shape")
-        if f.shape != (x.shape[0], model.n_forcings):
-            raise reject(
-                f"input 'forcings' has shape {list(f.shape)}, expected "
-                f"[{x.shape[0]}, {model.n_forcings}]",
+                f"input 'state' has shape {list(shape)}; model '{model.name}' version "
+                f"{model.version} expects [batch, {', '.join(map(str, want))}] with batch >= 1 "
+                f"(dims: batch, {dims})",
                 "shape",
             )
-    x = in_model_dtype(model, "state", x)
-    if f is not None:
-        f = np.array(in_model_dtype(model, "forcings", f))  # its own writable copy
-    if not x.flags.writeable:
-        x = x.copy()
-    return x, f
+        forcings = specs.get("forcings")
+        if model.n_forcings:
+            if forcings is None:
+                raise reject(f"input 'forcings' [batch, {model.n_forcings}] is missing", "shape")
+            if forcings.shape != (shape[0], model.n_forcings):
+                raise reject(
+                    f"input 'forcings' has shape {list(forcings.shape)}, expected "
+                    f"[{shape[0]}, {model.n_forcings}]",
+                    "shape",
+                )
+        self.state, self.forcings = state, forcings
+        self.extra, self.degraded = request_parameters(header)
+        self.group = group_of(header.parameters, model.name)
+        self.factor = time_scale_for(model, header.parameters, self.extra, max_dt_ratio)
+        self.output = next((o for o in header.outputs if o.name == "correction"), None)
+        self.want = DATATYPES[state.datatype]
+        out = self.output
+        if out is not None and out.region is not None:
+            nbytes = math.prod(shape) * self.want.itemsize
+            if out.size != nbytes:
+                raise reject(
+                    f"output 'correction': [{', '.join(map(str, shape))}] {state.datatype} "
+                    f"needs {nbytes} bytes but shared_memory_byte_size is {out.size}",
+                    "shape",
+                )
+        self.binary = header.binary_default or (out is not None and out.binary)
+        values = math.prod(shape)
+        if not self.binary and (out is None or out.region is None) and values > json_limit:
+            raise reject(
+                f"output 'correction' of {values} values is too large for JSON (at most "
+                f"{json_limit}); ask for it with binary_data",
+                "too_large",
+            )
+        self.id = header.id
+        self.payload_size = header.payload_size
+        self.regions = any(t.region is not None for t in header.inputs) or (
+            out is not None and out.region is not None
+        )
+        # the answer's JSON header by batch size, for calls with nothing flagged or capped
+        self.heads: dict[int, bytes] = {}
+
+    def arrays(
+        self,
+        model: LoadedModel,
+        payload: memoryview,
+        region: Callable[[TensorSpec, bool], memoryview] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The state (and forcings) of one call, checked, in the model's dtype."""
+        if len(payload) != self.payload_size:
+            raise ProtocolError(payload_mismatch(self.payload_size, len(payload)))
+        x = _tensor(self.state, payload, region)
+        x = in_model_dtype(model, "state", x)
+        if not x.flags.writeable:
+            x = x.copy()
+        f = None
+        if self.forcings is not None:
+            f = np.array(in_model_dtype(model, "forcings", _tensor(self.forcings, payload, region)))
+        return x, f
+
+
+def _tensor(spec: TensorSpec, payload: memoryview, region) -> np.ndarray:
+    if spec.data is not None:
+        return spec.data
+    dtype = DATATYPES[spec.datatype]
+    if spec.region is not None:
+        if region is None:
+            raise reject(f"input '{spec.name}': shared memory is not available here", "bad_request")
+        buf = region(spec, False)
+        return np.frombuffer(buf, dtype, spec.size // dtype.itemsize).reshape(spec.shape)
+    arr = np.frombuffer(payload, dtype, spec.size // dtype.itemsize, spec.offset)
+    return arr.reshape(spec.shape)
+
+
+def plan_for(
+    model: LoadedModel, header_bytes: bytes | None, header: RequestHeader | None, settings
+) -> InferPlan:
+    """The plan of a binary request's header, from the model's cache when seen before."""
+    plans = model.plans
+    if header_bytes is not None:
+        plan = plans.get(header_bytes)
+        if plan is not None:
+            return plan
+        header = parse_request_header(header_bytes)
+    plan = InferPlan(model, header, settings.max_dt_ratio, settings.max_json_body_bytes // 2)
+    if header_bytes is not None and header.cacheable:
+        if len(plans) >= PLAN_CACHE_SIZE:  # oldest first: dicts keep insertion order
+            del plans[next(iter(plans))]
+        plans[header_bytes] = plan
+    return plan
+
+
+#: request headers remembered per model version (a caller varying its ``id`` per call
+#: cycles through them; one with a fixed header hits the same entry every step)
+PLAN_CACHE_SIZE = 256
 
 
 def in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray) -> np.ndarray:
@@ -74,7 +191,9 @@ def in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray) -> np.ndarray
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             out = np.ascontiguousarray(arr, dtype=model.dtype)
-    if np.isfinite(out).all():
+    # one pass, no temporary: a NaN or Inf anywhere makes the sum NaN or Inf (a finite
+    # array whose sum overflows falls through to the exact check below)
+    if math.isfinite(np.add.reduce(out, axis=None)) or np.isfinite(out).all():
         return out
     flat = out.reshape(out.shape[0], -1)
     bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
@@ -139,7 +258,36 @@ def time_scale_for(model: LoadedModel, params: dict, out: dict, max_ratio: float
     return factor
 
 
-def request_parameters(req: InferRequest) -> tuple[dict, int]:
+def group_of(params: dict, model_name: str) -> tuple[str, int] | None:
+    """``(group, group_size)`` of a request of a timestep group, or None.
+
+    Callers stepping in lockstep (ensemble members, MPI ranks) name their run in
+    ``group`` and say how many of them send each step in ``group_size``; the batch
+    queue releases their batch when all have arrived.
+    """
+    group, size = params.get("group"), params.get("group_size")
+    if group is None and size is None:
+        return None
+    if not isinstance(group, str) or not group or len(group) > 256:
+        raise reject(
+            f"parameter 'group' must be a string of 1 to 256 characters naming the run, "
+            f"sent with 'group_size'; got {group!r}",
+            "bad_request",
+        )
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_GROUP_SIZE:
+        raise reject(
+            f"parameter 'group_size' must be an integer from 1 to {MAX_GROUP_SIZE} (the "
+            f"callers that send each step of group {group!r}); got {size!r}",
+            "bad_request",
+        )
+    return group, size
+
+
+#: the most callers one timestep group may declare
+MAX_GROUP_SIZE = 65536
+
+
+def request_parameters(req: RequestHeader) -> tuple[dict, int]:
     out: dict = {}
     params = req.parameters
     degraded = params.get("degraded_steps", 0)
@@ -155,7 +303,9 @@ def request_parameters(req: InferRequest) -> tuple[dict, int]:
             f"{MAX_DEGRADED_STEPS_PER_CALL}, got {degraded!r}",
             "bad_request",
         )
-    for name in req.outputs:
-        if name != "correction":
-            raise reject(f"unknown output '{name}'; this model returns 'correction'", "bad_request")
+    for spec in req.outputs:
+        if spec.name != "correction":
+            raise reject(
+                f"unknown output '{spec.name}'; this model returns 'correction'", "bad_request"
+            )
     return out, degraded

@@ -15,9 +15,12 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "mecs_guardrails"]
 
 
 @router.get("/v2", response_model=ServerMetadata)
-async def server_metadata() -> dict:
+async def server_metadata(request: Request) -> dict:
     """Server name, version and protocol extensions."""
-    return {"name": "mecs", "version": __version__, "extensions": EXTENSIONS}
+    extensions = list(EXTENSIONS)
+    if request.app.state.mecs.settings.shared_memory:
+        extensions.append("system_shared_memory")
+    return {"name": "mecs", "version": __version__, "extensions": extensions}
 
 
 @router.get("/v2/health/live")

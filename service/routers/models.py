@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -21,15 +22,16 @@ from starlette.requests import ClientDisconnect
 from ..auth import InferenceScope
 from ..errors import ServiceError
 from ..protocol import (
-    DATATYPES,
     DTYPE_NAMES,
+    HEADER_LENGTH,
     ProtocolError,
     encode_message_parts,
-    parse_infer_request,
+    parse_request_header,
+    split_body,
 )
 from ..repository import LoadedModel
 from ..schemas import ERRORS, InferResponseDoc, ModelMetadata
-from .checks import reject, request_parameters, time_scale_for, validate_inputs
+from .checks import plan_for
 from .params import parse_version
 
 log = logging.getLogger("mecs.service")
@@ -140,7 +142,7 @@ async def model_version_ready(request: Request, name: str, version: str, _: Infe
     return await _ready(request, name, version)
 
 
-async def _read_body(request: Request) -> bytes | bytearray:
+async def read_body(receive, expected: int | None) -> bytes | bytearray:
     """The body as it came when it is one chunk; else gathered into one writable buffer.
 
     A large state arrives in many chunks. With a declared length they are copied,
@@ -149,23 +151,29 @@ async def _read_body(request: Request) -> bytes | bytearray:
     joined at the end. Either way its tensors are writable numpy views, so
     validation does not copy them again.
     """
-    expected = request.scope.get("mecs.content_length")
     chunks: list[bytes] = []
     buf = view = None
     at = 0
-    async for chunk in request.stream():
-        if not chunk:
-            continue
-        if view is None and expected and not chunks and len(chunk) < expected:
-            buf = bytearray(expected)
-            view = memoryview(buf)
-        if view is not None:
-            if at + len(chunk) > len(buf):
-                raise ServiceError(400, f"request body longer than its Content-Length {expected}")
-            view[at : at + len(chunk)] = chunk
-            at += len(chunk)
-        else:
-            chunks.append(chunk)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            if view is None and expected and not chunks and len(chunk) < expected:
+                buf = bytearray(expected)
+                view = memoryview(buf)
+            if view is not None:
+                if at + len(chunk) > len(buf):
+                    raise ServiceError(
+                        400, f"request body longer than its Content-Length {expected}"
+                    )
+                view[at : at + len(chunk)] = chunk
+                at += len(chunk)
+            else:
+                chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     if view is not None:
         return buf if at == len(buf) else buf[:at]
     if len(chunks) <= 1:
@@ -179,30 +187,43 @@ async def _read_body(request: Request) -> bytes | bytearray:
 
 
 async def infer_handler(request: Request, name: str, version: str | None) -> Response:
-    """Decode, validate, correct (through the batch queue) and encode one request."""
+    """The route's entry: the same handler as the middleware's hot path."""
+    scope = request.scope
+    if "mecs.header_length" not in scope:  # served without ServiceMiddleware
+        scope["mecs.header_length"] = request.headers.get("inference-header-content-length")
+        length = request.headers.get("content-length")
+        scope["mecs.content_length"] = int(length) if length and length.isdigit() else None
+    return await handle_infer(request.app.state.mecs, scope, request.receive, name, version)
+
+
+async def handle_infer(state, scope, receive, name: str, version: str | None) -> Response:
+    """Decode, validate, correct (through the batch queue) and encode one request.
+
+    The lean path: ``scope`` carries what the middleware read from the headers
+    (``mecs.header_length``, ``mecs.content_length``, ``mecs.principal``). A binary
+    request's JSON header is looked up in the model's plan cache, so a caller
+    repeating its header pays for the checks of its values only.
+    """
     t0 = time.perf_counter()
-    state = request.app.state.mecs
     metrics = state.metrics
     model = await state.repository.get(name, parse_version(version))
     labels = (model.name, model.version_str)
     try:
         t_body = time.perf_counter()  # after resolving (maybe loading) the version
-        body = await _read_body(request)
+        body = await read_body(receive, scope.get("mecs.content_length"))
         t_read = time.perf_counter()
-        req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
-        x, f = validate_inputs(model, req)
-        extra, degraded = request_parameters(req)
-        factor = time_scale_for(model, req.parameters, extra, state.settings.max_dt_ratio)
-        binary = req.wants_binary("correction")
-        json_limit = state.settings.max_json_body_bytes // 2
-        if not binary and x.size > json_limit:
-            raise reject(
-                f"output 'correction' of {x.size} values is too large for JSON (at most "
-                f"{json_limit}); ask for it with binary_data",
-                "too_large",
-            )
+        hlen = scope.get("mecs.header_length")
+        head, payload = split_body(body, hlen)
+        if hlen is not None:
+            plan = plan_for(model, head, None, state.settings)
+        else:
+            plan = plan_for(model, None, parse_request_header(head), state.settings)
+        region = None
+        if plan.regions:
+            region = state.shared_memory.resolver(scope.get("mecs.principal"))
+        x, f = plan.arrays(model, payload, region)
         t_decode = time.perf_counter()
-        result = await model.correct(x, f, request.scope.get("mecs.ticket"))
+        result = await model.correct(x, f, scope.get("mecs.ticket"), plan.group)
     except ProtocolError as err:
         metrics.cached(metrics.rejected, model.name, err.reason).inc()
         metrics.infer_requests.labels(*labels, str(err.status)).inc()
@@ -217,51 +238,41 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
             metrics.cached(metrics.overloaded, model.name).inc()
         metrics.infer_requests.labels(*labels, str(err.status)).inc()
         raise
-    if degraded:
-        metrics.cached(metrics.client_degraded, model.name).inc(degraded)
+    if plan.degraded:
+        metrics.cached(metrics.client_degraded, model.name).inc(plan.degraded)
     n = x.shape[0]
     ood = result.out_of_distribution
-    n_ood = int(ood.sum())
-    n_capped = int(result.capped.sum())
-    params = {
-        "batch_size": result.batch_size,
-        "out_of_distribution": n_ood > 0,
-        "out_of_distribution_samples": (
-            ",".join(map(str, np.flatnonzero(ood).tolist())) if n_ood else ""
-        ),
-        "capped_values": n_capped,
-        **extra,
-    }
-    header = {"model_name": model.name, "model_version": model.version_str}
-    if req.id is not None:
-        header["id"] = req.id
-    header["parameters"] = params
+    n_ood = int(np.count_nonzero(ood))
+    n_capped = int(np.add.reduce(result.capped)) if n_ood or result.capped.any() else 0
     corr = result.correction
-    if factor != 1.0:  # per the caller's time unit
-        corr = corr * factor
-    want = DATATYPES[req.datatypes["state"]]
-    if corr.dtype != want:
+    if plan.factor != 1.0:  # per the caller's time unit
+        corr = corr * plan.factor
+    if corr.dtype != plan.want:
         with np.errstate(over="ignore", invalid="ignore"):
-            corr = corr.astype(want)
-    if not np.isfinite(corr).all():  # the model's fault, not the caller's: never a 200
-        bad = np.flatnonzero(~np.isfinite(corr.reshape(n, -1)).all(axis=1))
-        metrics.cached(metrics.nonfinite_outputs, *labels).inc()
-        metrics.infer_requests.labels(*labels, "500").inc()
-        log.error(
-            "model '%s' version %s returned NaN or Inf corrections for samples %s of a "
-            "finite input; answered 500",
-            model.name,
-            model.version_str,
-            bad[:10].tolist(),
-        )
-        raise ServiceError(
-            500,
-            f"model '{model.name}' version {model.version_str} produced NaN or Inf "
-            f"corrections (samples {bad[:10].tolist()}); reported to the operator",
-        )
-    if binary or corr.size <= _JSON_SLICE:
-        parts, headers = encode_message_parts(header, [("correction", corr, binary)], "outputs")
+            corr = corr.astype(plan.want)
+    if not math.isfinite(np.add.reduce(corr, axis=None)) and not np.isfinite(corr).all():
+        _nonfinite(metrics, model, labels, corr, n)  # the model's fault: never a 200
+    out = plan.output
+    if out is not None and out.region is not None:
+        try:
+            target = state.shared_memory.resolver(scope.get("mecs.principal"))(out, True)
+        except ServiceError as err:
+            metrics.infer_requests.labels(*labels, str(err.status)).inc()
+            raise
+        np.frombuffer(target, corr.dtype, corr.size).reshape(corr.shape)[...] = corr
+        parts, headers = _answer(plan, model, result.batch_size, ood, n_ood, n_capped, corr, True)
+    elif plan.binary and not n_ood and not n_capped:
+        head = plan.heads.get(result.batch_size)
+        if head is None:
+            head = _answer(plan, model, result.batch_size, ood, 0, 0, corr, False)[0][0]
+            if len(plan.heads) < 256:
+                plan.heads[result.batch_size] = head
+        parts = [head, memoryview(np.ascontiguousarray(corr)).cast("B")]
+        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    elif plan.binary or corr.size <= _JSON_SLICE:
+        parts, headers = _answer(plan, model, result.batch_size, ood, n_ood, n_capped, corr, False)
     else:  # a large JSON answer is encoded in slices, letting other requests run between
+        header = _response_header(plan, model, result.batch_size, ood, n_ood, n_capped)
         parts, headers = [await _json_in_slices(header, corr)], {"Content-Type": "application/json"}
     model.served.inc()
     model.samples.inc(n)
@@ -279,7 +290,64 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     )
     if len(parts) > 1 and len(parts[1]) > _JOIN_BELOW:
         return PartsResponse(parts, headers)
-    return Response(b"".join(parts), headers=headers)
+    return PartsResponse([b"".join(parts)], headers)
+
+
+def _response_header(plan, model, batch_size, ood, n_ood, n_capped) -> dict[str, Any]:
+    params = {
+        "batch_size": batch_size,
+        "out_of_distribution": n_ood > 0,
+        "out_of_distribution_samples": (
+            ",".join(map(str, np.flatnonzero(ood).tolist())) if n_ood else ""
+        ),
+        "capped_values": n_capped,
+        **plan.extra,
+    }
+    header: dict[str, Any] = {"model_name": model.name, "model_version": model.version_str}
+    if plan.id is not None:
+        header["id"] = plan.id
+    header["parameters"] = params
+    return header
+
+
+def _answer(plan, model, batch_size, ood, n_ood, n_capped, corr, in_region):
+    """The answer's parts and headers (the JSON header, then the tensor if binary)."""
+    header = _response_header(plan, model, batch_size, ood, n_ood, n_capped)
+    if in_region:  # the values are in the caller's region: the answer says where
+        out = plan.output
+        header["outputs"] = [
+            {
+                "name": "correction",
+                "datatype": DTYPE_NAMES[corr.dtype],
+                "shape": list(corr.shape),
+                "parameters": {
+                    "shared_memory_region": out.region,
+                    "shared_memory_byte_size": out.size,
+                    "shared_memory_offset": out.region_offset,
+                },
+            }
+        ]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        return [text], {"Content-Type": "application/json"}
+    return encode_message_parts(header, [("correction", corr, plan.binary)], "outputs")
+
+
+def _nonfinite(metrics, model, labels, corr, n) -> None:
+    bad = np.flatnonzero(~np.isfinite(corr.reshape(n, -1)).all(axis=1))
+    metrics.cached(metrics.nonfinite_outputs, *labels).inc()
+    metrics.infer_requests.labels(*labels, "500").inc()
+    log.error(
+        "model '%s' version %s returned NaN or Inf corrections for samples %s of a "
+        "finite input; answered 500",
+        model.name,
+        model.version_str,
+        bad[:10].tolist(),
+    )
+    raise ServiceError(
+        500,
+        f"model '{model.name}' version {model.version_str} produced NaN or Inf "
+        f"corrections (samples {bad[:10].tolist()}); reported to the operator",
+    )
 
 
 # JSON answers above this many values are encoded a slice at a time (~1 ms each)
