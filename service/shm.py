@@ -120,10 +120,9 @@ class SharedMemoryRegistry:
             raise ServiceError(409, f"region '{name}' is already registered; unregister it first")
         if len(self.regions) >= self.max_regions:
             raise ServiceError(
-                503,
+                409,
                 f"{len(self.regions)} shared-memory regions are registered, the most this "
                 "server keeps (MECS_MAX_SHARED_MEMORY_REGIONS); unregister some",
-                {"Retry-After": "5"},
             )
         if self.mapped + byte_size > self.max_bytes:
             raise ServiceError(

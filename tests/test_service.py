@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from support import make_l96_model, metric_value, service_settings
+from support import FakeCompute, make_batcher, make_l96_model, metric_value, service_settings
 
 from correction.artifacts import publish
 from correction.inference import Corrector
 from service.app import create_app
 from service.auth import Principal, require_admin
-from service.batching import Batcher, Traffic
+from service.batching import Traffic
 from service.errors import ServiceError
 from service.protocol import (
     HEADER_LENGTH,
@@ -451,31 +451,10 @@ def test_protocol_round_trip_without_server():
     assert req.wants_binary("correction")
 
 
-class _Compute:
-    """Fake forward pass recording the batch sizes it saw."""
-
-    def __init__(self):
-        self.sizes = []
-
-    def __call__(self, x, f):
-        self.sizes.append(len(x))
-        n = len(x)
-        return x * 2, np.zeros(n, bool), np.zeros(n, np.int64)
-
-
-def _batcher(compute, traffic, **kw):
-    from concurrent.futures import ThreadPoolExecutor
-
-    args = dict(max_size=8, max_delay_s=0.05, max_queue_samples=100, inline_max_values=10_000)
-    b = Batcher(compute, traffic, ThreadPoolExecutor(1), **(args | kw))
-    b.attach()
-    return b
-
-
 def test_batcher_gathers_and_bounds():
     async def scenario():
-        compute, traffic = _Compute(), Traffic()
-        b = _batcher(compute, traffic)
+        compute, traffic = FakeCompute(), Traffic()
+        b = make_batcher(compute, traffic)
         tickets = [traffic.enter() for _ in range(10)]
         xs = [np.full((1, 3), i, np.float32) for i in range(10)]
         calls = [b.submit(x, None, t) for x, t in zip(xs, tickets, strict=True)]
@@ -485,7 +464,7 @@ def test_batcher_gathers_and_bounds():
         assert compute.sizes == [8, 2]  # max size respected, nobody left behind
         # a lone caller does not wait for the delay bound (here an hour; the wait_for
         # is a liveness guard, not a speed figure: those are bench/service.py's)
-        patient = _batcher(compute, traffic, max_delay_s=3600)
+        patient = make_batcher(compute, traffic, max_delay_s=3600)
         await asyncio.wait_for(patient.submit(xs[0], None, traffic.enter()), 30)
         assert compute.sizes[-1] == 1
         # a request still on its way holds the batch ...
@@ -502,11 +481,11 @@ def test_batcher_gathers_and_bounds():
         await asyncio.wait_for(b.submit(xs[0], None, traffic.enter()), 30)
         late.close()
         # big batches run in the worker thread and still answer
-        big = _batcher(compute, traffic, inline_max_values=1)
+        big = make_batcher(compute, traffic, inline_max_values=1)
         r = await big.submit(np.ones((2, 3), np.float32), None, traffic.enter())
         assert r.batch_size == 2
         # a full queue answers 503 instead of growing without bound
-        small = _batcher(compute, traffic, max_queue_samples=2)
+        small = make_batcher(compute, traffic, max_queue_samples=2)
         waiting = traffic.enter()
         first = asyncio.ensure_future(small.submit(np.ones((2, 3), np.float32), None, None))
         await asyncio.sleep(0)
@@ -520,15 +499,15 @@ def test_batcher_gathers_and_bounds():
 
 def test_batcher_unbatched_mode_and_errors():
     async def scenario():
-        compute, traffic = _Compute(), Traffic()
-        b = _batcher(compute, traffic, max_size=1)
+        compute, traffic = FakeCompute(), Traffic()
+        b = make_batcher(compute, traffic, max_size=1)
         await asyncio.gather(*(b.submit(np.ones((1, 3), np.float32)) for _ in range(4)))
         assert compute.sizes == [1, 1, 1, 1]
 
         def boom(x, f):
             raise RuntimeError("forward failed")
 
-        failing = _batcher(boom, traffic)
+        failing = make_batcher(boom, traffic)
         res = await asyncio.gather(
             *(failing.submit(np.ones((1, 3), np.float32)) for _ in range(3)),
             return_exceptions=True,

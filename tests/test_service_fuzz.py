@@ -1,7 +1,8 @@
 """Property-based fuzz of every endpoint (>= 1,000 cases in all): never a 5xx.
 
-Four generators: arbitrary JSON bodies, near-valid infer requests with every field
-mutated, binary-extension bodies with wrong lengths and headers, and random
+Five generators: arbitrary JSON bodies, near-valid infer requests with every field
+mutated, binary-extension bodies with wrong lengths and headers, shared-memory
+registrations and region references with every field mutated, and random
 method/path/header/body combinations over the whole API. Runs in-process
 (TestClient) to stay within the test budget; the real-server tests cover the
 transport.
@@ -32,14 +33,36 @@ FUZZ = settings(
 )
 
 
+SHM_BYTES = 2048
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("fuzz") / "models"
+    root = tmp_path_factory.mktemp("fuzz")
+    repo = root / "models"
     publish(repo, "l96", *make_l96_model())
+    shm = root / "shm"  # stands for /dev/shm: objects 'fz' and 'small' live here
+    shm.mkdir()
+    (shm / "fz").write_bytes(np.ones(SHM_BYTES // 4, "<f4").tobytes())
+    (shm / "small").write_bytes(b"\0" * 100)
     app = create_app(
-        service_settings(repo, inference_keys=["inf"], admin_keys=["adm"], max_body_bytes=200_000)
+        service_settings(
+            repo,
+            inference_keys=["inf"],
+            admin_keys=["adm"],
+            max_body_bytes=200_000,
+            shared_memory=True,
+            shared_memory_root=shm,
+            max_shared_memory_regions=8,
+            batch_group_timeout_ms=1,
+        )
     )
     with TestClient(app, headers={"Authorization": "Bearer adm"}) as c:
+        r = c.post(
+            "/v2/systemsharedmemory/region/r/register", json={"key": "fz", "byte_size": 2048}
+        )
+        assert r.status_code == 200, r.text
+        c.shm_root = shm
         yield c
 
 
@@ -115,6 +138,8 @@ def infer_request(draw):
                     "dt": json_values | numbers,
                     "binary_data_output": json_values,
                     "degraded_steps": json_values | st.integers(),
+                    "group": st.sampled_from(["run", ""]) | json_values,
+                    "group_size": st.integers(-2, 70_000) | json_values,
                 },
             )
         )
@@ -175,6 +200,88 @@ def test_fuzz_binary_extension(client, header, payload, hlen, sizes):
     check(r)
 
 
+names = st.sampled_from(["l96", "nope", "..", "a.b", "x" * 130]) | st.text(
+    st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=12
+)
+
+
+def _region_params(draw, with_size: bool) -> dict:
+    p = {"shared_memory_region": draw(st.sampled_from(["r", "r", "nope"]) | json_values)}
+    if with_size or draw(st.booleans()):
+        p["shared_memory_byte_size"] = draw(
+            st.sampled_from([144, 288, 576, 0, SHM_BYTES]) | st.integers(-5, 5000) | json_values
+        )
+    if draw(st.booleans()):
+        p["shared_memory_offset"] = draw(
+            st.sampled_from([0, 144, 1900, SHM_BYTES]) | st.integers(-5, 5000) | json_values
+        )
+    return p
+
+
+@st.composite
+def region_request(draw):
+    """An infer request whose state and correction point into registered shared memory."""
+    body = draw(infer_request())
+    for t in body["inputs"]:
+        if draw(st.integers(0, 3)):
+            t["parameters"] = _region_params(draw, draw(st.booleans()))
+            if draw(st.booleans()):
+                t.pop("data", None)
+    if draw(st.booleans()):
+        body["outputs"] = [{"name": "correction", "parameters": _region_params(draw, True)}]
+    return body
+
+
+@st.composite
+def registration(draw):
+    body = {}
+    for key, values in (
+        ("key", st.sampled_from(["fz", "/fz", "small", "/nope", "../fz", "", "fz/x"])),
+        ("offset", st.sampled_from([0, 100, 2047, 4096]) | st.integers(-3, 10_000)),
+        ("byte_size", st.sampled_from([2048, 1, 0, 100, 4096]) | st.integers(-3, 10_000)),
+    ):
+        if draw(st.integers(0, 6)):
+            body[key] = draw(values | json_values)
+    if draw(st.integers(0, 8)) == 0:
+        body["extra"] = 1
+    return body
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    body=region_request(),
+    reg=registration(),
+    name=st.sampled_from(["s1", "s2", "r"]) | names,
+    action=st.sampled_from(["infer", "infer", "register", "unregister", "status"]),
+    auth=st.sampled_from(["Bearer adm", "Bearer inf", "Bearer bad", None]),
+)
+def test_fuzz_shared_memory(client, body, reg, name, action, auth):
+    headers = {"Authorization": auth or ""}
+    base = "/v2/systemsharedmemory"
+    try:
+        if action == "infer":
+            r = client.post("/v2/models/l96/infer", content=json.dumps(body), headers=headers)
+        elif action == "register":
+            path = f"{base}/region/{quote(name, safe='')}/register"
+            r = client.post(path, content=json.dumps(reg), headers=headers)
+        elif action == "unregister":
+            if name == "r":  # keep the region the infer cases refer to
+                return
+            r = client.post(f"{base}/region/{quote(name, safe='')}/unregister", headers=headers)
+        else:
+            r = client.get(f"{base}/region/{quote(name, safe='')}/status", headers=headers)
+    except UnicodeEncodeError:
+        return
+    check(r)
+    if r.status_code == 200 and action == "register":  # keep the registry small
+        client.post(f"{base}/region/{quote(name, safe='')}/unregister", headers=headers)
+
+
 ROUTES = [
     ("GET", "/v2"),
     ("GET", "/v2/health/live"),
@@ -188,12 +295,14 @@ ROUTES = [
     ("GET", "/v2/repository/index"),
     ("POST", "/v2/repository/index"),
     ("POST", "/v2/repository/models/{name}/load"),
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("GET", "/v2/systemsharedmemory/region/{name}/status"),
+    ("POST", "/v2/systemsharedmemory/region/{name}/register"),
+    ("POST", "/v2/systemsharedmemory/region/{name}/unregister"),
+    ("POST", "/v2/systemsharedmemory/unregister"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ]
-names = st.sampled_from(["l96", "nope", "..", "a.b", "x" * 130]) | st.text(
-    st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=12
-)
 
 
 @FUZZ
@@ -311,6 +420,23 @@ def test_fuzz_left_the_service_healthy(client):
     }
     r = client.post("/v2/models/l96/infer", json=body)
     assert r.status_code == 200
+    expected = np.asarray(r.json()["outputs"][0]["data"], np.float32)
+    # and through shared memory: the state at byte 0 of 'fz', the correction after it
+    (client.shm_root / "fz").write_bytes(x.tobytes() + bytes(SHM_BYTES - x.nbytes))
+    base = "/v2/systemsharedmemory"
+    reg = client.post(f"{base}/region/final/register", json={"key": "fz", "byte_size": SHM_BYTES})
+    assert reg.status_code == 200, reg.text
+    where = {"shared_memory_region": "final", "shared_memory_byte_size": x.nbytes}
+    body = {
+        "inputs": [{"name": "state", "shape": [1, 36], "datatype": "FP32", "parameters": where}],
+        "outputs": [
+            {"name": "correction", "parameters": {**where, "shared_memory_offset": x.nbytes}}
+        ],
+    }
+    r = client.post("/v2/models/l96/infer", json=body)
+    assert r.status_code == 200, r.text
+    written = np.frombuffer((client.shm_root / "fz").read_bytes(), np.float32, 36, x.nbytes)
+    np.testing.assert_array_equal(written, expected)
     text = client.get("/metrics").text
     assert 'status="5' not in text  # no 5xx was ever answered
     print(f"fuzz: {CHECKED['requests']} requests checked")

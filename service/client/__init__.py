@@ -1,13 +1,15 @@
 """The Python client of the correction service (numpy and the standard library only).
 
 ``transport`` holds the HTTP connection, ``degradation`` the breaker and the
-``raise``/``zero``/``last`` policies, ``client`` the protocol calls.
+``raise``/``zero``/``last`` policies, ``client`` the protocol calls, ``shm`` the
+shared-memory regions of a caller on the server's host.
 """
 
 from __future__ import annotations
 
 from .client import CorrectionClient, InferResult
 from .degradation import POLICIES, Policy
+from .shm import SharedMemoryRegion
 from .transport import (
     TRANSPORTS,
     HttpClientTransport,
@@ -31,6 +33,7 @@ __all__ = [
     "RequestRejected",
     "ServiceError",
     "ServiceUnavailable",
+    "SharedMemoryRegion",
     "SocketTransport",
     "TLSFailure",
     "make_transport",

@@ -19,7 +19,15 @@ Design points, each for the per-step budget of a forecast:
 - several endpoints (replicas, or load balancers in front of them): the client
   keeps to the one that answers and, when it is unreachable or answers 502/503/504,
   retries the same call on the next one (every endpoint is tried at least once per
-  call before the call fails); :attr:`CorrectionClient.failovers` counts the moves.
+  call before the call fails); :attr:`CorrectionClient.failovers` counts the moves;
+- timestep groups: callers that step in lockstep (ensemble members, MPI ranks)
+  name their run and their number (``group``, ``group_size``, or ``MECS_GROUP`` and
+  ``MECS_GROUP_SIZE`` in the environment), and the server forms their batch the
+  moment the last one arrives;
+- the request's JSON header is encoded once per shape and parameters and reused
+  while they stay the same (what a forecast sends every step), and a server
+  on the same host can take the state through shared memory
+  (:mod:`service.client.shm`).
 
 Only numpy and the standard library are imported.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -43,6 +52,7 @@ from ..protocol import (
     encode_infer_request_parts,
 )
 from .degradation import Degradation, Policy
+from .shm import SharedMemoryRegion, region_request
 from .transport import (
     NotTheProtocol,
     RequestRejected,
@@ -68,7 +78,12 @@ class InferResult:
     batch_size: int
     parameters: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
-    server_timing_ms: dict[str, float] = field(default_factory=dict)
+    server_timing: str = ""  # the Server-Timing header as sent
+
+    @property
+    def server_timing_ms(self) -> dict[str, float]:
+        """The server's time per stage (read, decode, forward, total), in ms."""
+        return _server_timing(self.server_timing)
 
 
 @dataclass
@@ -120,6 +135,8 @@ class CorrectionClient(Degradation):
         ssl_context: ssl.SSLContext | None = None,
         ca_file: str | None = None,
         dt_unit: str | None = None,
+        group: str | None = None,
+        group_size: int | None = None,
     ) -> None:
         self._init_degradation(degrade, failure_threshold, cooldown_s)
         urls = split_urls(url)
@@ -158,6 +175,8 @@ class CorrectionClient(Degradation):
         self._infer_path = f"/v2/models/{name}{tail}/infer"
         self.calls = 0
         self.last_result: InferResult | None = None
+        self.group, self.group_size = timestep_group(group, group_size)
+        self._encoded: tuple[Any, list, dict[str, str]] | None = None  # the last header
 
     @property
     def url(self) -> str:
@@ -292,6 +311,107 @@ class CorrectionClient(Degradation):
         _, _, data = self._send("POST", path, b"", idempotent=False)
         return json.loads(data)
 
+    # -- shared memory (a server on this host, MECS_SHARED_MEMORY=true) -------------
+    def register_region(self, name: str, key: str, offset: int, byte_size: int) -> dict:
+        """Register ``byte_size`` bytes at ``offset`` of shared-memory object ``key``."""
+        body = json.dumps({"key": key, "offset": offset, "byte_size": byte_size}).encode()
+        path = f"/v2/systemsharedmemory/region/{quote(name, safe='')}/register"
+        _, _, data = self._send(
+            "POST", path, body, {"Content-Type": "application/json"}, idempotent=False
+        )
+        return json.loads(data)
+
+    def unregister_region(self, name: str | None = None) -> dict:
+        """Drop one region of this client's key (all of them when ``name`` is None)."""
+        path = (
+            f"/v2/systemsharedmemory/region/{quote(name, safe='')}/unregister"
+            if name is not None
+            else "/v2/systemsharedmemory/unregister"
+        )
+        _, _, data = self._send("POST", path, b"", idempotent=False)
+        return json.loads(data)
+
+    def region_status(self, name: str | None = None) -> list[dict]:
+        path = (
+            f"/v2/systemsharedmemory/region/{quote(name, safe='')}/status"
+            if name is not None
+            else "/v2/systemsharedmemory/status"
+        )
+        return self._get_json(path)
+
+    def infer_in_region(
+        self,
+        region: SharedMemoryRegion,
+        shape: tuple[int, ...],
+        dtype: Any = np.float32,
+        state_offset: int = 0,
+        output_offset: int | None = None,
+        dt: float | None = None,
+        dt_unit: str | None = None,
+    ) -> InferResult:
+        """An infer call whose state is in ``region`` and whose correction is put there.
+
+        The state is ``shape`` (``[batch, *state_shape]``) at ``state_offset``; the
+        correction comes back at ``output_offset`` (default: right after the state)
+        and :attr:`InferResult.correction` is a view of it, valid until the next call.
+        """
+        dtype = np.dtype(dtype)
+        datatype = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64"}.get(dtype)
+        if datatype is None:
+            raise TypeError(f"the state must be float32 or float64, got {dtype}")
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if output_offset is None:
+            output_offset = state_offset + nbytes
+        out = region.array(shape, dtype, output_offset)
+        region.array(shape, dtype, state_offset)  # checks that the state fits too
+        params: dict[str, Any] = {}
+        if dt is not None:
+            params["dt"] = float(dt)
+        unit = dt_unit or self.dt_unit
+        if unit is not None:
+            params["dt_unit"] = unit
+        if self.group is not None:
+            params["group"], params["group_size"] = self.group, self.group_size
+        key = ("region", region.name, tuple(shape), datatype, state_offset, output_offset)
+        key += tuple(params.items())
+        cached = self._encoded
+        if cached is not None and cached[0] == key:
+            body = cached[1]
+        else:
+            body = region_request(
+                region.name, shape, datatype, nbytes, state_offset, output_offset, params
+            )
+            self._encoded = (key, body, {"Content-Type": "application/json"})
+        self.calls += 1
+        _, h, data = self._send(
+            "POST", self._infer_path, [body], {"Content-Type": "application/json"}
+        )
+        try:
+            header = json.loads(data)
+            p = header.get("parameters") or {}
+            flags = [False] * shape[0]
+            for i in filter(None, str(p.get("out_of_distribution_samples", "")).split(",")):
+                flags[int(i)] = True
+            result = InferResult(
+                correction=out,
+                model_name=str(header["model_name"]),
+                model_version=int(header["model_version"]),
+                out_of_distribution=flags,
+                capped_values=int(p.get("capped_values", 0)),
+                batch_size=int(p.get("batch_size", shape[0])),
+                parameters=p,
+                id=header.get("id"),
+                server_timing=h.get("server-timing", ""),
+            )
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            self._conn.close()
+            raise NotTheProtocol(
+                f"POST {self._infer_path}: a 200 answer that is not an infer response "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        self.last_result = result
+        return result
+
     def metrics_text(self) -> str:
         _, _, data = self._send("GET", "/metrics")
         return data.decode()
@@ -323,15 +443,13 @@ class CorrectionClient(Degradation):
         reported = min(self._unreported, MAX_DEGRADED_STEPS_PER_CALL)
         if reported:
             params["degraded_steps"] = reported
+        if self.group is not None:
+            params["group"], params["group_size"] = self.group, self.group_size
         inputs = {"state": batch}
         if forcings is not None:
             inputs["forcings"] = np.asarray(forcings, dtype=batch.dtype).reshape(len(batch), -1)
-        body, headers = encode_infer_request_parts(
-            inputs,
-            binary=self.binary if binary is None else binary,
-            request_id=request_id,
-            parameters=params,
-        )
+        binary = self.binary if binary is None else binary
+        body, headers = self._encode(inputs, binary, request_id, params)
         self.calls += 1
         _, h, data = self._send("POST", self._infer_path, body, headers)
         try:
@@ -347,6 +465,27 @@ class CorrectionClient(Degradation):
         self._unreported -= reported
         self.last_result = result
         return result
+
+    def _encode(
+        self, inputs: dict[str, np.ndarray], binary: bool, request_id, params: dict
+    ) -> tuple[list, dict[str, str]]:
+        """The request's parts; the JSON header reused while shapes and parameters stay."""
+        if not binary or request_id is not None:
+            return encode_infer_request_parts(
+                inputs, binary, request_id=request_id, parameters=params
+            )
+        key = (
+            tuple((k, v.shape, v.dtype.str) for k, v in inputs.items()),
+            tuple(params.items()),
+        )
+        cached = self._encoded
+        if cached is not None and cached[0] == key:
+            blobs = [memoryview(np.ascontiguousarray(v)).cast("B") for v in inputs.values()]
+            return [cached[1], *blobs], cached[2]
+        parts, headers = encode_infer_request_parts(inputs, True, parameters=params)
+        if np.little_endian and all(v.dtype.byteorder in "=<|" for v in inputs.values()):
+            self._encoded = (key, parts[0], headers)
+        return parts, headers
 
     def _result(
         self, data: bytearray, h: dict[str, str], batch: np.ndarray, single: bool
@@ -372,7 +511,7 @@ class CorrectionClient(Degradation):
             batch_size=int(p.get("batch_size", len(batch))),
             parameters=p,
             id=header.get("id"),
-            server_timing_ms=_server_timing(h.get("server-timing", "")),
+            server_timing=h.get("server-timing", ""),
         )
 
     def close(self) -> None:
@@ -384,6 +523,32 @@ class CorrectionClient(Degradation):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def timestep_group(group: str | None, size: int | None) -> tuple[str | None, int | None]:
+    """The client's timestep group: the arguments, else ``MECS_GROUP``/``MECS_GROUP_SIZE``.
+
+    A group without a size takes the MPI job's size where the launcher states it
+    (``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``, ``SLURM_NTASKS``).
+    """
+    group = group if group is not None else os.environ.get("MECS_GROUP") or None
+    if group is None:
+        if size is not None:
+            raise ValueError("group_size needs a group (the run's name)")
+        return None, None
+    if size is None:
+        raw = os.environ.get("MECS_GROUP_SIZE")
+        for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+            raw = raw or os.environ.get(var)
+        if raw is None:
+            raise ValueError(f"group {group!r} has no size: pass group_size or set MECS_GROUP_SIZE")
+        try:
+            size = int(raw)
+        except ValueError:
+            raise ValueError(f"group size {raw!r} is not an integer") from None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {size!r}")
+    return str(group), size
 
 
 def _server_timing(value: str) -> dict[str, float]:

@@ -5,6 +5,7 @@ test imports from ``conftest``.
 """
 
 from .balancer import NginxProcess, nginx_binary
+from .batching import FakeCompute, make_batcher
 from .data import BACKENDS, STORE_FORMATS, make_archive, open_store, write_store
 from .metrics import metric_value, scrape
 from .models import make_l96_model, service_settings
@@ -14,12 +15,14 @@ from .tls import self_signed
 
 __all__ = [
     "BACKENDS",
+    "FakeCompute",
     "NativeBuild",
     "NginxProcess",
     "STORE_FORMATS",
     "build_native",
     "ServeProcess",
     "make_archive",
+    "make_batcher",
     "make_l96_model",
     "metric_value",
     "missing_tools",
