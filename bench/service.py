@@ -19,9 +19,14 @@ measures, writing ``bench/results/service.json``:
    header), against the in-process forward;
 5. floors: a bare ASGI echo app on uvicorn, in its own process with the service's
    malloc tuning, answering the same bytes as a small call and as the 4 MB state,
-   with the same client connection.
+   with the same client connection;
+6. the old path side by side (``--baseline REF``, default the commit before the lean
+   path): REF's server in the same interleaved blocks as 1., called by this client;
+7. 40 callers in one timestep group of 40 (``group``/``group_size``) next to timer
+   batching and no batching, in 2.'s interleaved windows;
+8. the 4 MB state through shared memory next to 4.'s binary body.
 
-Usage: ``python bench/service.py [--duration 3] [--calls 3000] [--out PATH]``.
+Usage: ``python bench/service.py [--duration 3] [--calls 3000] [--baseline REF] [--out PATH]``.
 The machine's load average is recorded: figures from a busy machine are not floors.
 This script is longer than 500 lines because every figure is measured in one run,
 on one machine state, and split it would compare figures from different runs.
@@ -64,6 +69,7 @@ sys.path.insert(0, str(TREE))
 sys.path.insert(0, str(TREE / "tests"))
 
 MEMBERS = 40
+BASELINE = "f97c06c"
 BIG_ROWS = 29127  # 29127 * 36 * 4 bytes = 4.19 MB
 
 
@@ -142,17 +148,18 @@ def echo_floor(sizes: dict[str, int], calls: int, big_reps: int) -> dict:
 class Server:
     """``mecs serve`` in a subprocess; the URL is read from its start-up line."""
 
-    def __init__(self, repository: Path, **env: str) -> None:
+    def __init__(self, repository: Path, tree: Path | None = None, **env: str) -> None:
+        tree = tree or TREE
         environ = dict(os.environ, MECS_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
         environ.update({f"MECS_{k.upper()}": str(v) for k, v in env.items()})
-        environ["PYTHONPATH"] = os.pathsep.join([str(TREE), environ.get("PYTHONPATH", "")])
+        environ["PYTHONPATH"] = os.pathsep.join([str(tree), environ.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mecs", "serve", "--repository", str(repository), "--port", "0"],
             env=environ,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            cwd=TREE,
+            cwd=tree,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         line = self.proc.stdout.readline()
@@ -193,14 +200,22 @@ def timed(fn, n: int, warmup: int = 200) -> list[float]:
     return out
 
 
-def _caller(urls, state, schedule, t0, ready, queue):
-    """One independent caller (its own process): a closed loop on each window's server."""
+def _caller(urls, state, schedule, t0, ready, queue, groups=None):
+    """One independent caller (its own process): a closed loop on each window's server.
+
+    ``groups`` maps a label to ``(group, size)``: that server's calls declare it.
+    """
     from service.client import CorrectionClient
 
-    clients = {k: CorrectionClient(u, "l96", timeout=30) for k, u in urls.items()}
-    for c in clients.values():
-        for _ in range(20):
-            c.infer(state)
+    clients = {}
+    for k, u in urls.items():
+        group, size = (groups or {}).get(k, (None, None))
+        kw = {"group": group, "group_size": size} if group else {}
+        clients[k] = CorrectionClient(u, "l96", timeout=30, **kw)
+    for k, c in clients.items():
+        if k not in (groups or {}):  # a group's warm-up would wait for the others' timeout
+            for _ in range(20):
+                c.infer(state)
     ready.put(1)
     parent = os.getppid()
     while t0.value == 0.0:
@@ -229,6 +244,7 @@ def concurrent_callers(
     duration: float,
     rounds: int = 3,
     pids: dict[str, int] | None = None,
+    groups: dict[str, tuple[str, int]] | None = None,
 ) -> dict:
     """40 caller processes, taking turns on each server in ``urls``: a side-by-side run.
 
@@ -249,7 +265,9 @@ def concurrent_callers(
             schedule.append((label, at, at + duration))
             at += duration + 0.3  # a gap: the previous window's last calls drain
     procs = [
-        ctx.Process(target=_caller, args=(urls, states[i : i + 1], schedule, t0, ready, queue))
+        ctx.Process(
+            target=_caller, args=(urls, states[i : i + 1], schedule, t0, ready, queue, groups)
+        )
         for i in range(len(states))
     ]
     for p in procs:
@@ -288,6 +306,36 @@ def concurrent_callers(
     return out
 
 
+def shared_memory_4mb(client, big: np.ndarray, reps: int) -> dict:
+    """The 4 MB state through a shared-memory region: round trip, forward, the rest.
+
+    The state is written into the region once (a model keeps its state there); each
+    call carries a JSON header only and the correction comes back in the region.
+    """
+    try:
+        from service.client import SharedMemoryRegion
+    except ImportError:
+        return {}
+    with SharedMemoryRegion(client, "bench", 2 * big.nbytes) as region:
+        region.array(big.shape)[...] = big
+        rtt, fwd, overhead = [], [], []
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            res = client.infer_in_region(region, big.shape)
+            elapsed = time.perf_counter() - t
+            if i:  # the first call warms up
+                f = res.server_timing_ms["forward"] / 1e3
+                rtt.append(elapsed)
+                fwd.append(f)
+                overhead.append(elapsed - f)
+        return {
+            "round_trip_ms": round(float(np.median(rtt)) * 1e3, 2),
+            "server_forward_ms": round(float(np.median(fwd)) * 1e3, 2),
+            "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 3),
+            "reps": reps,
+        }
+
+
 def ratio(a: dict, b: dict) -> float:
     """Median over rounds of a's throughput over b's (same rounds, side by side)."""
     pairs = zip(a["requests_per_s_by_round"], b["requests_per_s_by_round"], strict=True)
@@ -302,6 +350,12 @@ def main() -> None:
     parser.add_argument("--big-reps", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     parser.add_argument("--tree", default=str(ROOT), help="checkout whose code is measured")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help="git revision or checkout of the old path, served side by side with the "
+        f"single call ('none': skip; default {BASELINE}, the last commit before the lean path)",
+    )
     parser.add_argument(
         "--callers-only",
         action="store_true",
@@ -335,7 +389,13 @@ def main() -> None:
     busy_before = psutil.cpu_percent(interval=2.0)
     rng = np.random.default_rng(0)
     results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as trees:
+        old_tree = None
+        if args.baseline != "none" and not args.callers_only:
+            sys.path.insert(1, str(ROOT / "bench"))
+            from compare import baseline_tree
+
+            old_tree = trees.enter_context(baseline_tree(args.baseline, Path(tmp)))
         repo = Path(tmp) / "models"
         publish(repo, "l96", *make_l96_model())
         corr = Corrector.load(repo, "l96")
@@ -348,8 +408,14 @@ def main() -> None:
             with contextlib.ExitStack() as clients:
                 # JSON bodies are limited (4 MiB by default); the 4 MB state's JSON figure
                 # needs a larger limit
-                server = clients.enter_context(Server(repo, max_json_body_bytes=64 << 20))
+                server = clients.enter_context(
+                    Server(repo, max_json_body_bytes=64 << 20, shared_memory="true")
+                )
                 c = clients.enter_context(CorrectionClient(server.url, "l96", timeout=120))
+                c_old = None
+                if old_tree is not None:  # the old path's server, called by this client
+                    old = clients.enter_context(Server(repo, tree=old_tree))
+                    c_old = clients.enter_context(CorrectionClient(old.url, "l96", timeout=120))
                 # 1. one call; interleaved blocks, so that every figure sees the same machine
                 runtime = build_runtime(corr.model, (1, 36), "onnxruntime")
                 packed = x1.reshape(1, 1, 36)
@@ -359,6 +425,8 @@ def main() -> None:
                     "http_floor_health_live": c.live,
                     "http_binary": lambda: c.infer(x1),
                 }
+                if c_old is not None:
+                    fns["http_binary_baseline"] = lambda: c_old.infer(x1)
                 times: dict[str, list[float]] = {k: [] for k in fns}
                 client_cpu = 0.0
                 for block in range(10):
@@ -427,6 +495,7 @@ def main() -> None:
                             "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 1),
                             "reps": reps,
                         }
+                    rows["shared_memory"] = shared_memory_4mb(c, big, args.big_reps)
                     rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
                     rows["state_bytes"] = int(big.nbytes)
                     rows["json_over_binary_round_trip"] = round(
@@ -444,6 +513,7 @@ def main() -> None:
             # four servers run at once and the same callers take turns on them
             configs = {
                 "batched": {},
+                "grouped": {},
                 "unbatched": {"batch_max_size": 1},
                 "batched_torchscript": {"runtime": "torchscript"},
                 "unbatched_torchscript": {"runtime": "torchscript", "batch_max_size": 1},
@@ -458,6 +528,7 @@ def main() -> None:
                     args.duration,
                     args.rounds,
                     {k: v.proc.pid for k, v in servers.items()},
+                    groups={"grouped": ("bench-40", MEMBERS)},
                 )
             for k, v in callers.items():
                 results[f"callers_40_{k}"] = v
@@ -490,18 +561,53 @@ def main() -> None:
             "single_call_over_bare_echo_p50_us": round(
                 single["p50_us"] - results["floor_bare_echo"]["small_call"]["p50_us"], 1
             ),
+            "grouped_over_timer_throughput": ratio(callers["grouped"], callers["batched"]),
+            "grouped_over_unbatched_throughput": ratio(callers["grouped"], callers["unbatched"]),
+            "grouped_over_timer_p50_latency": round(
+                callers["grouped"]["latency"]["p50_us"] / callers["batched"]["latency"]["p50_us"],
+                3,
+            ),
+            "single_call_over_bare_echo_p50": round(
+                single["p50_us"] / results["floor_bare_echo"]["small_call"]["p50_us"], 2
+            ),
             "transport_4mb_over_bare_echo_ms": round(
                 results["state_4mb"]["binary"]["transport_overhead_ms"]
                 - results["floor_bare_echo"]["state_4mb"]["p50_us"] / 1e3,
                 1,
             ),
         }
+        if "http_binary_baseline" in results["single_call"]:
+            base = results["single_call"]["http_binary_baseline"]
+            results["ratios"]["single_call_new_over_baseline_p50"] = round(
+                single["p50_us"] / base["p50_us"], 3
+            )
+            results["ratios"]["single_call_new_over_baseline_p99"] = round(
+                single["p99_us"] / base["p99_us"], 3
+            )
         if "client_transports" in results:
             t = results["client_transports"]
             results["ratios"]["stdlib_transport_over_socket_p50"] = round(
                 t["http.client"]["p50_us"] / t["socket"]["p50_us"], 3
             )
+        echo = results["floor_bare_echo"]["small_call"]["p50_us"]
+        grouped, timer = callers["grouped"], callers["batched"]
         results["targets"] = {
+            "single_call_p50_le_300us_p99_le_1ms_or_2x_echo": (
+                single["p50_us"] <= 300 and single["p99_us"] <= 1000
+            )
+            or single["p50_us"] <= 2 * echo,
+            "grouped_lower_p50_than_timer": grouped["latency"]["p50_us"]
+            < timer["latency"]["p50_us"],
+            "grouped_throughput_ge_timer": results["ratios"]["grouped_over_timer_throughput"]
+            >= 1.0,
+            "grouped_throughput_gt_unbatched": results["ratios"][
+                "grouped_over_unbatched_throughput"
+            ]
+            > 1.0,
+            "shared_memory_4mb_overhead_le_1ms": results["state_4mb"]["shared_memory"][
+                "transport_overhead_ms"
+            ]
+            <= 1.0,
             "single_call_p50_le_500us": single["p50_us"] <= 500,
             "single_call_p99_le_2ms": single["p99_us"] <= 2000,
             "batching_ge_1.5x": results["ratios"]["batching_speedup_40_callers"] >= 1.5,

@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import xarray as xr
 from support import (
     ServeProcess,
     make_l96_model,
+    metric_value,
     missing_tools,
     mpi_env,
     self_signed,
@@ -124,12 +126,26 @@ def test_mpi_ranks_give_the_numbers_of_one_process(
     server = start_server(batch_max_size=64, batch_max_delay_ms=2)
     path, x0 = x0_file
     one = run_forecast(native, server.url, tmp_path / "one.nc", init=path)
+    before = _batches(server.url)
     four = run_forecast(native, server.url, tmp_path / "four.nc", init=path, mpi_ranks=4)
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     with xr.open_dataset(tmp_path / "one.nc") as a, xr.open_dataset(tmp_path / "four.nc") as b:
         assert b.attrs["ranks"] == 4 and a.attrs["ranks"] == 1
         np.testing.assert_allclose(b["X"].values, a["X"].values, rtol=0, atol=1e-5)
         assert (b["version"].values[1:] == 1).all()
+    # the ranks declared a timestep group of 4: each step's four calls left as one batch
+    after = _batches(server.url)
+    batches, calls = after[0] - before[0], after[1] - before[1]
+    assert calls >= 4 * STEPS and calls / batches > 3.5, (batches, calls)
+
+
+def _batches(url: str) -> tuple[float, float]:
+    """(batches, calls in them) the server has run for model l96 v1 so far."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    labels = {"model": "l96", "version": "1"}
+    count = metric_value(text, "mecs_batch_requests_count", **labels) or 0.0
+    return count, metric_value(text, "mecs_batch_requests_sum", **labels) or 0.0
 
 
 def _start(native, url, out, policy, **args):
@@ -235,6 +251,8 @@ def _probe(native, url, options="", env=None):
         ("expect_units=X=K", "units mismatch: model 'l96' has field 'X' in '1'"),
         ("dt_unit=h", "gives corrections per model time unit, which does not convert"),
         ("version=9", "MECS_E_NOT_FOUND: model 'l96' has no version 9"),
+        ("group_size=4", "option group_size needs a group"),
+        ("group=two words", "option group: 'two words' must be 1 to 128 letters"),
     ],
 )
 def test_mismatches_fail_at_open_and_name_what(native, start_server, options, message):

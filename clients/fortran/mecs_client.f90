@@ -216,15 +216,17 @@ contains
   !> Open a connection to `model` at `url`, check the model against what the caller
   !> expects and pin its version (see the module's notes for `state_shape`).
   !> `options` takes any further "name=value;..." of the C client (mecs_client.h).
+  !> `group` and `group_size`: the timestep group of callers that step together (MPI
+  !> ranks: group_size = the communicator's size), batched by the service as one.
   subroutine mecs_open(h, url, model, status, policy, version, follow_latest, timeout, &
        retries, failure_threshold, cooldown, state_shape, dtype, dims, fields, units, &
-       dt_unit, api_key_file, ca_file, options)
+       dt_unit, api_key_file, ca_file, options, group, group_size)
     type(mecs_handle), intent(inout) :: h
     character(len=*), intent(in) :: url, model
     integer, intent(out) :: status
     character(len=*), intent(in), optional :: policy, dims, fields, units, dt_unit, &
-         api_key_file, ca_file, options
-    integer, intent(in), optional :: version, retries, failure_threshold, dtype
+         api_key_file, ca_file, options, group
+    integer, intent(in), optional :: version, retries, failure_threshold, dtype, group_size
     integer, intent(in), optional :: state_shape(:)
     logical, intent(in), optional :: follow_latest
     real(c_double), intent(in), optional :: timeout, cooldown
@@ -249,6 +251,8 @@ contains
     if (present(timeout)) call set_option(h, "timeout", real_text(timeout), status)
     if (present(cooldown)) call set_option(h, "cooldown", real_text(cooldown), status)
     if (present(retries)) call set_option(h, "retries", int_text(retries), status)
+    if (present(group)) call set_option(h, "group", group, status)
+    if (present(group_size)) call set_option(h, "group_size", int_text(group_size), status)
     if (present(failure_threshold)) &
          call set_option(h, "failure_threshold", int_text(failure_threshold), status)
     if (present(dtype)) then

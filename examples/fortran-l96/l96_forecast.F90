@@ -18,7 +18,9 @@
 ! output_every (1), policy (raise|zero|last), version, timeout, retries, cooldown,
 ! failure_threshold, follow_latest (1: do not pin the version found at open; follow
 ! the served default across hot reloads), step_delay (seconds to sleep per step, for tests), progress
-! (1: print "step N" after each step).
+! (1: print "step N" after each step), group (l96-forecast: the timestep group the
+! ranks declare, group_size = the number of ranks, so the service batches a step's
+! calls the moment the last rank's arrives; give concurrent runs different names).
 !
 ! Output: a netCDF classic file with X(time, member, k), step(time), time(time) and
 ! version(time) (the version that answered that step, -1 if any member's step was
@@ -44,7 +46,8 @@ program l96_forecast
   end interface
 
   character(len=512) :: url = "http://127.0.0.1:8000", model = "l96", init = "", &
-       out = "trajectory.nc", policy = "raise", transport = "fp32", arg
+       out = "trajectory.nc", policy = "raise", transport = "fp32", arg, &
+       group = "l96-forecast"
   integer :: members = 1, steps = 500, K = 36, output_every = 1, version = 0, retries = 2, &
        failure_threshold = 3, progress = 0, follow_latest = 0
   real(real64) :: dt = 0.01_real64, forcing = 10.0_real64, timeout = 5.0_real64, &
@@ -98,11 +101,13 @@ program l96_forecast
      call mecs_open(h, trim(url), trim(model), status, policy=trim(policy), version=version, &
           timeout=timeout, retries=retries, cooldown=cooldown, &
           failure_threshold=failure_threshold, state_shape=[K], &
-          dtype=merge(MECS_FP32, MECS_FP64, transport == "fp32"))
+          dtype=merge(MECS_FP32, MECS_FP64, transport == "fp32"), &
+          group=trim(group), group_size=nranks)
   else
      call mecs_open(h, trim(url), trim(model), status, policy=trim(policy), timeout=timeout, &
           follow_latest=follow_latest /= 0, retries=retries, cooldown=cooldown, failure_threshold=failure_threshold, &
-          state_shape=[K], dtype=merge(MECS_FP32, MECS_FP64, transport == "fp32"))
+          state_shape=[K], dtype=merge(MECS_FP32, MECS_FP64, transport == "fp32"), &
+          group=trim(group), group_size=nranks)
   end if
   if (status /= MECS_OK) then
      write(error_unit, '(a,i0,a)') "l96_forecast: rank ", rank, ": cannot open the model: " // &
@@ -189,6 +194,7 @@ contains
     case ("out"); out = value
     case ("policy"); policy = value
     case ("transport"); transport = value
+    case ("group"); group = value
     case ("members"); read(value, *, iostat=ios) members
     case ("steps"); read(value, *, iostat=ios) steps
     case ("K"); read(value, *, iostat=ios) K

@@ -79,6 +79,12 @@ mecs_client *mecs_new(void);
  *   api_key_file      a file whose first line is the API key
  *   ca_file           a PEM bundle to trust for https
  *   dt_unit           the caller's time unit (s, min, h, day, model time unit)
+ *   group             timestep group: the run's name, shared by the callers that
+ *                     send each step together (MPI ranks, ensemble members); the
+ *                     server batches them the moment all have arrived
+ *                     (default: MECS_GROUP; none: no group)
+ *   group_size        callers in the group (default: MECS_GROUP_SIZE, else the MPI
+ *                     job's size from OMPI_COMM_WORLD_SIZE, PMI_SIZE or SLURM_NTASKS)
  *   expect_shape      one member's state shape, "36" or "13,16,32"
  *   expect_dtype      FP32 | FP64 (what the caller will send)
  *   expect_dims       the state's dims after the batch, "k" or "channel,lat,lon"

@@ -43,6 +43,8 @@ struct mecs_client {
     /* options */
     char *url, *model, *api_key_env, *api_key_file, *ca_file, *dt_unit;
     char *expect_dims, *expect_fields, *expect_units;
+    char *group; /* timestep group: the run's name; group_size callers send each step */
+    long group_size;
     long version_opt;
     int follow_latest, policy, retries, failure_threshold, expect_dtype, expect_rank;
     double timeout, connect_timeout, backoff, cooldown;
@@ -240,6 +242,41 @@ static int parse_policy(const char *v) {
     return -1;
 }
 
+/* A group name goes into the JSON header as it is: plain characters only. */
+static int group_name_ok(const char *v) {
+    size_t n = strlen(v);
+    if (n < 1 || n > 128) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)v[i]) && !strchr("._:-", v[i])) return 0;
+    return 1;
+}
+
+/* The timestep group from the options, else MECS_GROUP and MECS_GROUP_SIZE, the size
+ * else the MPI job's (OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_NTASKS). */
+static int resolve_group(mecs_client *c) {
+    const char *env = getenv("MECS_GROUP");
+    if (!c->group && env && *env) {
+        int rc = mecs_set(c, "group", env);
+        if (rc != MECS_OK) return fail(c, rc, "MECS_GROUP: %s", c->err);
+    }
+    if (!c->group) {
+        if (c->group_size) return fail(c, MECS_E_ARGUMENT, "option group_size needs a group (the run's name)");
+        return MECS_OK;
+    }
+    if (c->group_size) return MECS_OK;
+    const char *vars[] = {"MECS_GROUP_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && *v) {
+            int rc = mecs_set(c, "group_size", v);
+            if (rc != MECS_OK) return fail(c, rc, "%s: %s", vars[i], c->err);
+            return MECS_OK;
+        }
+    }
+    return fail(c, MECS_E_ARGUMENT, "group '%s' has no size: set option group_size or MECS_GROUP_SIZE",
+                c->group);
+}
+
 int mecs_set(mecs_client *c, const char *name, const char *value) {
     if (!c) return MECS_E_ARGUMENT;
     if (!name || !value) return fail(c, MECS_E_ARGUMENT, "mecs_set: name and value are needed");
@@ -267,6 +304,20 @@ int mecs_set(mecs_client *c, const char *name, const char *value) {
                         "option dt_unit: unknown time unit '%.64s'; use s, min, h, day or 'model time unit'",
                         value);
         return set_string(c, &c->dt_unit, unit); /* the canonical name: plain words only */
+    }
+    if (strcmp(name, "group") == 0) {
+        if (!group_name_ok(value))
+            return fail(c, MECS_E_ARGUMENT,
+                        "option group: '%.64s' must be 1 to 128 letters, digits, '.', '_', ':' or '-'",
+                        value);
+        return set_string(c, &c->group, value);
+    }
+    if (strcmp(name, "group_size") == 0) {
+        if (!parse_long(value, 1, &l) || l > 65536)
+            return fail(c, MECS_E_ARGUMENT, "option group_size: '%s' is not an integer from 1 to 65536",
+                        value);
+        c->group_size = l;
+        return MECS_OK;
     }
     if (strcmp(name, "version") == 0) {
         if (!parse_long(value, 1, &l))
@@ -670,8 +721,10 @@ int mecs_connect(mecs_client *c) {
     drop_connection(c);
     if (!c->c_locale) c->c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
     if (!c->c_locale) return fail(c, MECS_E_MEMORY, "cannot create the C locale");
+    int rc = resolve_group(c);
+    if (rc != MECS_OK) return rc;
     locale_t previous = uselocale(c->c_locale);
-    int rc = connect_in_c_locale(c);
+    rc = connect_in_c_locale(c);
     uselocale(previous);
     return rc;
 }
@@ -885,7 +938,7 @@ static int infer(mecs_client *c, const void *state, int dtype, int64_t batch, do
                       "\"outputs\":[{\"name\":\"correction\",\"parameters\":{\"binary_data\":true}}]",
                       bytes);
     long long reported = c->unreported < MAX_REPORTED ? c->unreported : MAX_REPORTED;
-    if (dt > 0 || c->dt_unit || reported) {
+    if (dt > 0 || c->dt_unit || reported || c->group) {
         const char *sep = "";
         ok = ok && append(head, cap, &off, ",\"parameters\":{");
         if (dt > 0) { /* %.17g in the C locale (set by mecs_correct): a JSON number */
@@ -896,7 +949,13 @@ static int infer(mecs_client *c, const void *state, int dtype, int64_t batch, do
             ok = ok && append(head, cap, &off, "%s\"dt_unit\":\"%s\"", sep, c->dt_unit);
             sep = ",";
         }
-        if (reported) ok = ok && append(head, cap, &off, "%s\"degraded_steps\":%lld", sep, reported);
+        if (reported) {
+            ok = ok && append(head, cap, &off, "%s\"degraded_steps\":%lld", sep, reported);
+            sep = ",";
+        }
+        if (c->group) /* checked plain characters: no escaping needed */
+            ok = ok && append(head, cap, &off, "%s\"group\":\"%s\",\"group_size\":%ld", sep, c->group,
+                              c->group_size);
         ok = ok && append(head, cap, &off, "}");
     }
     ok = ok && append(head, cap, &off, "}");
@@ -1048,8 +1107,9 @@ void mecs_close(mecs_client *c) {
     if (!c) return;
     drop_connection(c);
     if (c->c_locale) freelocale(c->c_locale);
-    char *strings[] = {c->url, c->model, c->api_key_env, c->api_key_file, c->ca_file, c->dt_unit,
-                       c->expect_dims, c->expect_fields, c->expect_units};
+    char *strings[] = {c->url,         c->model,         c->api_key_env, c->api_key_file,
+                       c->ca_file,     c->dt_unit,       c->expect_dims, c->expect_fields,
+                       c->expect_units, c->group};
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) free(strings[i]);
     for (int i = 0; i < c->n_bases; i++) free(c->bases[i]);
     free(c->last);
