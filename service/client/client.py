@@ -34,12 +34,11 @@ Only numpy and the standard library are imported.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -52,7 +51,8 @@ from ..protocol import (
     encode_infer_request_parts,
 )
 from .degradation import Degradation, Policy
-from .shm import SharedMemoryRegion, region_request
+from .regions import RegionCalls
+from .result import InferResult
 from .transport import (
     NotTheProtocol,
     RequestRejected,
@@ -64,26 +64,6 @@ from .transport import (
     is_tls_failure,
     make_transport,
 )
-
-
-@dataclass
-class InferResult:
-    """One infer answer: the correction and what the server said about it."""
-
-    correction: np.ndarray
-    model_name: str
-    model_version: int
-    out_of_distribution: list[bool]
-    capped_values: int
-    batch_size: int
-    parameters: dict[str, Any] = field(default_factory=dict)
-    id: str | None = None
-    server_timing: str = ""  # the Server-Timing header as sent
-
-    @property
-    def server_timing_ms(self) -> dict[str, float]:
-        """The server's time per stage (read, decode, forward, total), in ms."""
-        return _server_timing(self.server_timing)
 
 
 @dataclass
@@ -104,7 +84,7 @@ def split_urls(url: str | list[str] | tuple[str, ...]) -> list[str]:
     return urls
 
 
-class CorrectionClient(Degradation):
+class CorrectionClient(RegionCalls, Degradation):
     """Client for one model of a correction service.
 
     ``correct(state)`` returns the correction (tendency, state units per unit
@@ -311,107 +291,6 @@ class CorrectionClient(Degradation):
         _, _, data = self._send("POST", path, b"", idempotent=False)
         return json.loads(data)
 
-    # -- shared memory (a server on this host, MECS_SHARED_MEMORY=true) -------------
-    def register_region(self, name: str, key: str, offset: int, byte_size: int) -> dict:
-        """Register ``byte_size`` bytes at ``offset`` of shared-memory object ``key``."""
-        body = json.dumps({"key": key, "offset": offset, "byte_size": byte_size}).encode()
-        path = f"/v2/systemsharedmemory/region/{quote(name, safe='')}/register"
-        _, _, data = self._send(
-            "POST", path, body, {"Content-Type": "application/json"}, idempotent=False
-        )
-        return json.loads(data)
-
-    def unregister_region(self, name: str | None = None) -> dict:
-        """Drop one region of this client's key (all of them when ``name`` is None)."""
-        path = (
-            f"/v2/systemsharedmemory/region/{quote(name, safe='')}/unregister"
-            if name is not None
-            else "/v2/systemsharedmemory/unregister"
-        )
-        _, _, data = self._send("POST", path, b"", idempotent=False)
-        return json.loads(data)
-
-    def region_status(self, name: str | None = None) -> list[dict]:
-        path = (
-            f"/v2/systemsharedmemory/region/{quote(name, safe='')}/status"
-            if name is not None
-            else "/v2/systemsharedmemory/status"
-        )
-        return self._get_json(path)
-
-    def infer_in_region(
-        self,
-        region: SharedMemoryRegion,
-        shape: tuple[int, ...],
-        dtype: Any = np.float32,
-        state_offset: int = 0,
-        output_offset: int | None = None,
-        dt: float | None = None,
-        dt_unit: str | None = None,
-    ) -> InferResult:
-        """An infer call whose state is in ``region`` and whose correction is put there.
-
-        The state is ``shape`` (``[batch, *state_shape]``) at ``state_offset``; the
-        correction comes back at ``output_offset`` (default: right after the state)
-        and :attr:`InferResult.correction` is a view of it, valid until the next call.
-        """
-        dtype = np.dtype(dtype)
-        datatype = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64"}.get(dtype)
-        if datatype is None:
-            raise TypeError(f"the state must be float32 or float64, got {dtype}")
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if output_offset is None:
-            output_offset = state_offset + nbytes
-        out = region.array(shape, dtype, output_offset)
-        region.array(shape, dtype, state_offset)  # checks that the state fits too
-        params: dict[str, Any] = {}
-        if dt is not None:
-            params["dt"] = float(dt)
-        unit = dt_unit or self.dt_unit
-        if unit is not None:
-            params["dt_unit"] = unit
-        if self.group is not None:
-            params["group"], params["group_size"] = self.group, self.group_size
-        key = ("region", region.name, tuple(shape), datatype, state_offset, output_offset)
-        key += tuple(params.items())
-        cached = self._encoded
-        if cached is not None and cached[0] == key:
-            body = cached[1]
-        else:
-            body = region_request(
-                region.name, shape, datatype, nbytes, state_offset, output_offset, params
-            )
-            self._encoded = (key, body, {"Content-Type": "application/json"})
-        self.calls += 1
-        _, h, data = self._send(
-            "POST", self._infer_path, [body], {"Content-Type": "application/json"}
-        )
-        try:
-            header = json.loads(data)
-            p = header.get("parameters") or {}
-            flags = [False] * shape[0]
-            for i in filter(None, str(p.get("out_of_distribution_samples", "")).split(",")):
-                flags[int(i)] = True
-            result = InferResult(
-                correction=out,
-                model_name=str(header["model_name"]),
-                model_version=int(header["model_version"]),
-                out_of_distribution=flags,
-                capped_values=int(p.get("capped_values", 0)),
-                batch_size=int(p.get("batch_size", shape[0])),
-                parameters=p,
-                id=header.get("id"),
-                server_timing=h.get("server-timing", ""),
-            )
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            self._conn.close()
-            raise NotTheProtocol(
-                f"POST {self._infer_path}: a 200 answer that is not an infer response "
-                f"({type(err).__name__}: {err})"
-            ) from None
-        self.last_result = result
-        return result
-
     def metrics_text(self) -> str:
         _, _, data = self._send("GET", "/metrics")
         return data.decode()
@@ -549,14 +428,3 @@ def timestep_group(group: str | None, size: int | None) -> tuple[str | None, int
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"group_size must be a positive integer, got {size!r}")
     return str(group), size
-
-
-def _server_timing(value: str) -> dict[str, float]:
-    """``forward;dur=1.2, total;dur=1.5`` -> ``{"forward": 1.2, "total": 1.5}``."""
-    out = {}
-    for part in value.split(","):
-        name, _, rest = part.strip().partition(";")
-        if rest.startswith("dur="):
-            with contextlib.suppress(ValueError):
-                out[name] = float(rest[4:])
-    return out

@@ -49,7 +49,7 @@ async def infer_version(request: Request, name: str, version: str, _: InferenceS
     return await infer_handler(request, name, version)
 
 
-# In the running service, ServiceMiddleware (service.app) hands these two paths straight
+# In the running service, ServiceMiddleware (service.middleware) hands these two paths straight
 # to infer_handler, skipping FastAPI's routing and dependency solving on the hot path;
 # the routes document them (OpenAPI) and serve them wherever that middleware is absent.
 _INFER_DOC = {200: {"model": InferResponseDoc, "description": "the correction"}}
