@@ -20,6 +20,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from correction import artifacts
@@ -97,6 +98,9 @@ def _ok(argv, capsys):
     return captured.out
 
 
+# 90 s on 2 cores: slow; test_gridded_online, test_verification and test_process_host
+# cover its stages one by one in the fast suite
+@pytest.mark.slow
 def test_the_whole_chain_on_a_centre_shaped_archive(tmp_path, capsys, start_server):
     times = _archive(tmp_path)
     analyses = str(tmp_path / "an_*.nc")

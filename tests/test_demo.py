@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
@@ -43,6 +45,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert again.returncode == 0 and again.stdout.count("reusing") == 7
 
 
+@pytest.mark.slow  # 50 s on 2 cores; test_qg_chain runs the same stages on QG in CI
 def test_quick_qg_demo_end_to_end(tmp_path):
     """``mecs demo --preset qg-eddy --quick``: the chain on the 2-D benchmark, with its
     table and plots in the report."""

@@ -36,6 +36,7 @@ from correction.timeunits import MODEL_UNIT, TimeUnitError, canonical_unit
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchStream, IncrementSource
+from .sampling import EarlyExitHead, select
 from .settings import PretrainConfig
 
 log = logging.getLogger("mecs.pretrain")
@@ -134,6 +135,12 @@ def pretrain(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optim, factor=cfg.lr_factor, patience=cfg.lr_patience
     )
+    sift = cfg.sampling == "sift"
+    exit_head = head_optim = None
+    if sift:  # the approximate loss: trained alongside, checkpointed, not published
+        torch.manual_seed(cfg.seed + 7919)
+        exit_head = EarlyExitHead(model.core).to(dist.device)
+        head_optim = torch.optim.Adam(exit_head.parameters(), lr=cfg.lr)
     shard = {"rank": dist.rank, "world": dist.world}
     train = BatchStream(
         source,
@@ -153,16 +160,21 @@ def pretrain(
     ckpt = work / "checkpoint"
     history: list[dict[str, float]] = []
     best_val, best_epoch, bad_epochs, start_epoch = math.inf, -1, 0, 0
+    steps, train_wall = 0, 0.0  # backpropagation steps and training seconds so far
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    resumed = load_checkpoint(ckpt, ["model", "best"])
+    resumed = load_checkpoint(ckpt, ["model", "best"] + (["sift_head"] if sift else []))
     if resumed is not None:
         tensors, states, prog = resumed
         model.load_state_dict(tensors["model"])
         best_state = tensors["best"]
         optim.load_state_dict(states["optimizer"])
         sched.load_state_dict(states["scheduler"])
+        if sift:
+            exit_head.load_state_dict(tensors["sift_head"])
+            head_optim.load_state_dict(states["sift_optimizer"])
         history, best_val = prog["history"], prog["best_val"]
         best_epoch, bad_epochs, start_epoch = prog["best_epoch"], prog["bad_epochs"], prog["epoch"]
+        steps, train_wall = prog.get("steps", 0), prog.get("train_wall", 0.0)
     if dist.min(start_epoch) != -dist.min(-start_epoch):
         raise ValueError(
             f"the ranks found different checkpoints in {work}: under torchrun the "
@@ -189,20 +201,26 @@ def pretrain(
             leave=False,
             mininterval=0.5,
         )
-        for x, y in bar:
+        select_rng = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        batches = _pools(bar, cfg.sift_pool) if sift else ((x, y, len(x)) for x, y in bar)
+        for x, y, batch in batches:
             x, y = x.to(dist.device), y.to(dist.device)
             yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
+            if sift:
+                x, yn = _sift_batch(model, exit_head, head_optim, x, yn, batch, cfg, select_rng)
             share = dist.share(len(x))
             loss = objective(x, yn, share)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
+            steps += 1
             total += loss.item() / share * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         total, count = dist.sum(total, count)
         count = int(count)
         train_seconds = time.perf_counter() - t_epoch
+        train_wall += train_seconds
         val_loss = evaluate_loss(model, val, dist)
         sched.step(val_loss)
         history.append(
@@ -213,6 +231,8 @@ def pretrain(
                 "lr": optim.param_groups[0]["lr"],
                 "samples": count,
                 "train_seconds": train_seconds,
+                "steps": steps,
+                "train_wall": train_wall,
             }
         )
         if progress:
@@ -223,12 +243,19 @@ def pretrain(
         else:
             bad_epochs += 1
         if dist.main:
+            tensors = {"model": model.state_dict(), "best": best_state}
+            states = {"optimizer": optim.state_dict(), "scheduler": sched.state_dict()}
+            if sift:
+                tensors["sift_head"] = exit_head.state_dict()
+                states["sift_optimizer"] = head_optim.state_dict()
             save_checkpoint(
                 ckpt,
-                {"model": model.state_dict(), "best": best_state},
-                {"optimizer": optim.state_dict(), "scheduler": sched.state_dict()},
+                tensors,
+                states,
                 {
                     "epoch": epoch + 1,
+                    "steps": steps,
+                    "train_wall": train_wall,
                     "history": history,
                     "best_val": best_val,
                     "best_epoch": best_epoch,
@@ -291,3 +318,32 @@ def pretrain(
     return PretrainResult(
         mv, best_epoch, best_val, len(history) - 1, resumed_from, history, time.perf_counter() - t0
     )
+
+
+def _pools(batches, k: int):
+    """Every ``k`` consecutive batches of the stream as one pool, with the batch size.
+
+    The batch size is the stream's (this rank's share under torchrun), so a SIFT
+    step backpropagates on as many samples as a uniform one.
+    """
+    xs, ys = [], []
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == k:
+            yield torch.cat(xs), torch.cat(ys), len(xs[0])
+            xs, ys = [], []
+    if xs:
+        yield torch.cat(xs), torch.cat(ys), len(xs[0])
+
+
+def _sift_batch(model, exit_head, head_optim, x, yn, batch, cfg, rng):
+    """Score the pool with the early-exit head, train the head on it, pick the batch."""
+    h = exit_head.features(model.normalise_input(x))
+    per_sample = exit_head.per_sample_loss(h, yn)
+    idx = select(per_sample.detach().cpu(), batch, cfg.sift_floor, rng)
+    head_optim.zero_grad(set_to_none=True)
+    per_sample.mean().backward()  # the head learns on the whole pool (features detached)
+    head_optim.step()
+    idx = idx.to(x.device)
+    return x[idx], yn[idx]

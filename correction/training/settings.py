@@ -52,6 +52,22 @@ class PretrainConfig:
     # cpu, cuda or auto (a GPU when one is visible); under torchrun, each rank's GPU.
     # CPU unless asked: a GPU changes the numbers a seed gives
     device: str = "cpu"
+    # uniform, or sift: backpropagate on the highest early-exit losses of a pool of
+    # sift_pool batches, sift_floor of each batch drawn uniformly (training/sampling.py);
+    # uniform by default: docs/pretrain.md (loss-prioritised sampling) has the measurement
+    sampling: str = "uniform"
+    sift_pool: int = 4
+    sift_floor: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("uniform", "sift"):
+            raise ValueError(f"sampling must be 'uniform' or 'sift', got {self.sampling!r}")
+        if isinstance(self.sift_pool, bool) or not isinstance(self.sift_pool, int):
+            raise ValueError(f"sift_pool must be an integer >= 1, got {self.sift_pool!r}")
+        if self.sift_pool < 1:
+            raise ValueError(f"sift_pool must be an integer >= 1, got {self.sift_pool!r}")
+        if not isinstance(self.sift_floor, int | float) or not 0 <= self.sift_floor <= 1:
+            raise ValueError(f"sift_floor must lie in [0, 1], got {self.sift_floor!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:

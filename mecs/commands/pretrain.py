@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_name(args.name)
-        flags = ("seed", "max_epochs", "network", "batch_size", "lr")
+        flags = ("seed", "max_epochs", "network", "batch_size", "lr", "sampling")
         cfg = PretrainConfig.from_dict(settings_with_flags(args, flags))
         if not Path(args.data).exists():
             raise ValueError(f"increment store {args.data} does not exist")
@@ -45,5 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--sampling",
+        choices=("uniform", "sift"),
+        default=None,
+        help="uniform (default), or sift: backpropagate on the highest early-exit losses "
+        "of a pool (sift_pool, sift_floor in --config)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
