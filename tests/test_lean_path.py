@@ -171,3 +171,53 @@ def test_the_client_takes_its_group_from_the_run(monkeypatch):
     monkeypatch.delenv("MECS_GROUP")
     with pytest.raises(ValueError, match="needs a group"):
         timestep_group(None, 3)
+
+
+class _RecordingTransport:
+    def __init__(self):
+        self.calls: list[tuple[str, bytes]] = []
+        self.closed = False
+
+    def write(self, data):
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, parts):
+        self.calls.append(("writelines", b"".join(parts)))
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+
+def test_headers_and_body_leave_in_one_write():
+    import asyncio
+
+    from service.server import CoalescingTransport
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        raw = _RecordingTransport()
+        t = CoalescingTransport(raw, loop)
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(b"body")  # same loop step: one writev with the held headers
+        assert raw.calls == [("writelines", b"HTTP/1.1 200 OK\r\n\r\nbody")]
+        t.write(b"alone")  # nothing follows: it goes out at the end of the step
+        assert len(raw.calls) == 1
+        await asyncio.sleep(0)
+        assert raw.calls[-1] == ("write", b"alone")
+        big = b"x" * (1 << 16)
+        t.write(big)  # large writes are never held
+        assert raw.calls[-1] == ("write", big)
+        t.write(b"last")
+        t.close()  # closing sends what is held first
+        assert raw.calls[-1] == ("write", b"last") and raw.closed
+        assert t.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
+        await asyncio.sleep(0)
+        assert len(raw.calls) == 4  # the scheduled flush finds nothing left to send
+
+    asyncio.run(scenario())
