@@ -51,13 +51,18 @@ def _cli(argv: list[str]) -> None:
         raise RuntimeError(f"mecs {' '.join(argv[:1])} failed ({code})")
 
 
-def prepare(preset: str, seed: int, args) -> tuple[Path, object, dict]:
-    """Synth + increments for one preset and seed, cached; wall times of both."""
+def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, dict]:
+    """Synth + increments for one preset and seed, cached; wall times of both.
+
+    ``overrides`` are further config values (``bench/sift.py`` shortens the truth's
+    spin-up); they are part of the cache key.
+    """
     from data_pipeline import build_increments
     from data_pipeline.qg import generate_qg, load_qg_config
 
-    cfg = load_qg_config(preset, quick=args.quick, seed=seed, duration=args.duration)
-    tag = f"{preset}{'-quick' if args.quick else ''}-d{cfg.duration:g}-seed{seed}"
+    cfg = load_qg_config(preset, quick=args.quick, seed=seed, duration=args.duration, **overrides)
+    extra = "".join(f"-{k}{v:g}" for k, v in sorted(overrides.items()))
+    tag = f"{preset}{'-quick' if args.quick else ''}-d{cfg.duration:g}{extra}-seed{seed}"
     root = DATA / tag
     times = {}
     if not (root / "bench" / "config.json").exists():

@@ -92,25 +92,16 @@ def one_seed(store: Path, repo: Path, seed: int, base: dict, bench: Benchmark | 
 
 def qg_store(years: float, truth_spinup: float) -> Path:
     """A qg-eddy increment store of ``years`` stored years, built once and cached."""
-    from data_pipeline import build_increments
-    from data_pipeline.qg import HOURS_PER_YEAR, generate_qg, load_qg_config
+    from types import SimpleNamespace
 
-    cfg = load_qg_config(
-        "qg-eddy", duration=years * HOURS_PER_YEAR, spinup_truth_years=truth_spinup
-    )
-    root = DATA / f"qg-eddy-sift-y{years:g}-spin{truth_spinup:g}"
-    if not (root / "bench" / "config.json").exists():
-        t = time.perf_counter()
-        generate_qg(cfg, root / "bench", overwrite=True, progress=False)
-        print(f"qg store: {time.perf_counter() - t:.0f} s", flush=True)
-    if not (root / "inc.zarr").exists():
-        build_increments(
-            root / "bench" / "analyses.zarr",
-            root / "bench" / "forecasts_archive.zarr",
-            cfg.obs_interval,
-            root / "inc.zarr",
-            split=cfg.increment_split(),
-        )
+    from qg import prepare as prepare_qg
+
+    from data_pipeline.qg import HOURS_PER_YEAR
+
+    args = SimpleNamespace(quick=False, duration=years * HOURS_PER_YEAR, progress=False)
+    root, _, times = prepare_qg("qg-eddy", 0, args, spinup_truth_years=truth_spinup)
+    if times:
+        print(f"qg store: {times}", flush=True)
     return root / "inc.zarr"
 
 
