@@ -33,9 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, RESULTS, prepare, summary, write  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+# the project first, and not bench/ itself: bench/distributed.py and bench/service.py
+# must not shadow the packages of those names
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
+from bench.common import DATA, RESULTS, prepare, summary, write  # noqa: E402
 from correction.evaluation import Benchmark, evaluate  # noqa: E402
 from correction.inference import Corrector  # noqa: E402
 from correction.training.pretrain import PretrainConfig, pretrain  # noqa: E402
@@ -94,8 +97,7 @@ def qg_store(years: float, truth_spinup: float) -> Path:
     """A qg-eddy increment store of ``years`` stored years, built once and cached."""
     from types import SimpleNamespace
 
-    from qg import prepare as prepare_qg
-
+    from bench.qg import prepare as prepare_qg
     from data_pipeline.qg import HOURS_PER_YEAR
 
     args = SimpleNamespace(quick=False, duration=years * HOURS_PER_YEAR, progress=False)
