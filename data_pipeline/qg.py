@@ -7,8 +7,9 @@ al. 2023). Every truth state is coarse-grained to the host grid by spectral
 truncation (the wavenumbers the host grid resolves, its Nyquist row and column
 dropped) followed by the host's own small-scale filter, so that it is a state the
 host can represent. Analyses are the coarse-grained truth plus Gaussian noise of
-``obs_noise`` times each layer's standard deviation; an LETKF on sparse
-observations is not implemented (see docs/synth.md for its cost on 2 cores).
+``obs_noise`` times each layer's standard deviation, or (``analysis = "letkf"``)
+the means of an LETKF cycled with the host on sparse observations
+(:mod:`data_pipeline.qg_letkf`).
 
 Parameters and sources. The physics of both presets is pyqg's two-layer model
 (its documentation and defaults: ``L = 1000 km``, ``rd = 15 km``, ``H1 = 500 m``,
@@ -78,8 +79,13 @@ class QGBenchmarkConfig:
     # the stored period, analyses every obs_interval hours
     duration: float = 2.0 * HOURS_PER_YEAR
     obs_interval: float = 6.0
-    analysis: str = "noisy-truth"
+    analysis: str = "noisy-truth"  # or "letkf" (data_pipeline/qg_letkf.py)
     obs_noise: float = 0.02  # times each layer's standard deviation
+    # the LETKF option: every obs_stride-th host point observed in x and y, both layers
+    obs_stride: int = 4
+    letkf_members: int = 20
+    letkf_localization: float = 4.0  # Gaussian radius, host grid points
+    letkf_inflation: float = 1.1
     # forecasts
     test_fraction: float = 0.25
     forecast_init_every: float = 240.0
@@ -104,11 +110,24 @@ class QGBenchmarkConfig:
             raise ConfigError(
                 f"truth_nx={self.truth_nx} must be a multiple of host_nx={self.host_nx}"
             )
-        if self.analysis != "noisy-truth":
+        if self.analysis not in ("noisy-truth", "letkf"):
             raise ConfigError(
-                f"analysis {self.analysis!r}: only 'noisy-truth' is implemented for the QG "
-                "benchmarks (an LETKF with 2-D localization is not)"
+                f"analysis {self.analysis!r}: the QG benchmarks know 'noisy-truth' and 'letkf'"
             )
+        if self.analysis == "letkf":
+            s = self.obs_stride
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1 or self.host_nx % s:
+                raise ConfigError(f"obs_stride={s!r} must be a positive divisor of host_nx")
+            m = self.letkf_members
+            if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+                raise ConfigError(f"letkf_members must be an integer >= 2, got {m!r}")
+            radius = self.letkf_localization
+            if not (isinstance(radius, int | float) and radius > 0):
+                raise ConfigError(f"letkf_localization must be positive, got {radius!r}")
+            if not (isinstance(self.letkf_inflation, int | float) and self.letkf_inflation >= 1):
+                raise ConfigError(f"letkf_inflation must be >= 1, got {self.letkf_inflation!r}")
+            if self.obs_noise <= 0:
+                raise ConfigError("obs_noise must be positive for the letkf analysis")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
         for name in ("obs_interval", "duration", "forecast_init_every", "forecast_lead_max"):
@@ -371,8 +390,9 @@ def generate_qg(
 
     t0 = time.perf_counter()
     out = Path(out)
-    rng_truth, rng_noise = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2)
+    # the third stream feeds the LETKF; the first two are as before it existed
+    rng_truth, rng_noise, rng_letkf = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3)
     )
     n = cfg.host_nx
     chunk = {"q": {"chunks": (256, 2, n, n)}}
@@ -380,8 +400,25 @@ def generate_qg(
         truth = run_truth(cfg, rng_truth, progress)
         times = np.round(np.arange(len(truth)) * cfg.obs_interval, 10)
         layer_std = truth.std(axis=(0, 2, 3), keepdims=True)
-        noise = cfg.obs_noise * layer_std * rng_noise.standard_normal(truth.shape)
-        analyses = truth + noise
+        if cfg.analysis == "letkf":
+            from .qg_letkf import run_qg_letkf
+
+            analyses, letkf = run_qg_letkf(cfg, truth, layer_std, rng_letkf, progress)
+            method = (
+                f"LETKF cycled with the host, N={cfg.letkf_members}, every {cfg.obs_stride}th "
+                f"point observed ({letkf['observations']} observations, error "
+                f"{cfg.obs_noise} x layer std), Gaussian localization radius "
+                f"{cfg.letkf_localization} points, inflation {cfg.letkf_inflation}"
+            )
+            log(
+                f"letkf: {letkf['observations']} observations, "
+                f"{letkf['observations_per_column']} per column, "
+                f"{letkf['seconds_per_cycle']:.3f} s per cycle"
+            )
+        else:
+            noise = cfg.obs_noise * layer_std * rng_noise.standard_normal(truth.shape)
+            analyses = truth + noise
+            method = f"coarse-grained truth plus Gaussian noise ({cfg.obs_noise} x layer std)"
         a_rmse = float(np.sqrt(np.mean((analyses - truth) ** 2)))
         coords = {"time": ("time", times, TIME_ATTRS), **_coords(cfg)}
         dims = ("time", "lev", "y", "x")
@@ -397,7 +434,6 @@ def generate_qg(
             stage / "truth.zarr",
             encoding=chunk,
         )
-        method = f"coarse-grained truth plus Gaussian noise ({cfg.obs_noise} x layer std)"
         write_zarr(
             _field(
                 analyses,
