@@ -96,3 +96,11 @@ def store_format(request):
 def native(tmp_path_factory):
     """The C/Fortran clients, built and installed once per session (clients/build.sh)."""
     return build_native(tmp_path_factory.mktemp("native"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give the slow cases (full-length runs, `make test-all`) an hour instead of the
+    per-test limit of pyproject.toml, unless one sets its own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(3600))

@@ -178,11 +178,11 @@ def test_mecs_synth_builds_a_qg_preset(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     assert open_zarr(out / "analyses.zarr")["q"].shape[1:] == (2, 32, 32)
-    assert (
-        main(["synth", "--preset", "qg-jet", "--analysis", "letkf", "--out", str(tmp_path / "x")])
-        == 2
-    )
-    assert "only 'noisy-truth'" in capsys.readouterr().err
+    bad = _write(tmp_path / "bad.json", '{"analysis": "kalman"}')
+    code = main(["synth", "--preset", "qg-jet", "--config", str(bad), "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "know 'noisy-truth' and 'letkf'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def _write(path, text):
@@ -234,6 +234,7 @@ def test_the_letkf_option_builds_the_stores_from_sparse_observations(tmp_path):
         "qg-eddy",
         quick=True,
         duration=120.0,
+        test_fraction=0.5,
         forecast_lead_max=48.0,
         analysis="letkf",
         obs_stride=2,
