@@ -122,12 +122,23 @@ def fingerprint(path: str | Path) -> tuple:
 
 
 def resolve(repository: str | Path, name: str, version: int | None = None) -> ModelVersion:
-    """The requested version, or the newest when ``version`` is None."""
+    """The requested version, or the served one (production; the newest of an ungated
+    model, see :mod:`correction.stages`) when ``version`` is None."""
+    from . import stages
+
     versions = list_versions(repository, name)
     if not versions:
         raise ArtifactError(f"model '{name}' has no versions in repository {repository}")
     if version is None:
-        version = versions[-1]
+        try:
+            version = stages.read(repository, name).production(versions)
+        except stages.StageError as err:
+            raise ArtifactError(str(err)) from None
+        if version is None:
+            raise ArtifactError(
+                f"model '{name}' has no production version (only candidates {versions}); "
+                "promote one with mecs promote or name a version"
+            )
     elif version not in versions:
         raise ArtifactError(f"model '{name}' has no version {version} (have {versions})")
     return ModelVersion(name, version, Path(repository) / name / str(version))
@@ -225,12 +236,15 @@ def publish(
     model: torch.nn.Module,
     config: dict[str, Any],
     version: int | None = None,
+    stage: str | None = None,
 ) -> ModelVersion:
     """Write a new version atomically and return it.
 
     ``version`` None takes the next free number. Two concurrent publishers never
     overwrite each other: the final rename fails for the loser, which retries with
-    the next number.
+    the next number. ``stage`` (``candidate`` or ``production``) records the new
+    version's stage (:mod:`correction.stages`); None records it as a candidate on a
+    gated model and leaves an ungated one ungated (its newest version is served).
     """
     root = Path(repository) / check_name(name)
     root.mkdir(parents=True, exist_ok=True)
@@ -252,6 +266,7 @@ def publish(
             share_tree(tmp)
             fsync_tree(tmp)
             if rename_exclusive(tmp, root / str(v)):  # atomic; refused if the target exists
+                _record_stage(repository, name, v, stage)
                 return ModelVersion(name, v, root / str(v))
             if version is not None:
                 raise ArtifactError(f"model '{name}' version {v} already exists")
@@ -259,6 +274,14 @@ def publish(
     finally:
         if tmp.exists():
             discard(tmp)
+
+
+def _record_stage(repository: str | Path, name: str, version: int, stage: str | None) -> None:
+    from . import stages
+
+    if stage is None and not stages.read(repository, name).gated:
+        return  # ungated: served as the newest, as before stages existed
+    stages.register_new(repository, name, version, stage or stages.CANDIDATE)
 
 
 def _numbers_in(root: Path) -> list[int]:

@@ -26,6 +26,7 @@ COMMANDS = [
     "pretrain",
     "emulator",
     "finetune",
+    "promote",
     "evaluate",
     "verify",
     "forecast",

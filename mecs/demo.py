@@ -48,6 +48,10 @@ class DemoPlan:
     forecast_steps: int = 500
     members: int = 20
     free_run: float = 500.0
+    # the promotion gate: hindcasts of 20 analysis intervals (1 MTU) from every 4th
+    # held-out analysis, and a free run of gate_free_run intervals
+    gate: tuple[str, ...] = ("--intervals", "20", "--init-every", "4", "--max-inits", "64")
+    gate_free_run: int = 200
 
     @classmethod
     def make(cls, preset: str, quick: bool) -> DemoPlan:
@@ -67,6 +71,7 @@ class DemoPlan:
                 forecast_steps=200,
                 members=20,
                 free_run=50.0,
+                gate_free_run=100,
             )
         return cls(
             quick,
@@ -179,18 +184,19 @@ class ServiceProcess:
         self.log.close()
 
 
-def _run_cli(args: list[str], env: dict[str, str] | None = None) -> None:
-    """Run one ``mecs`` subcommand in a child process; fail loudly."""
+def _run_cli(args: list[str], env: dict[str, str] | None = None, ok=(0,)) -> int:
+    """Run one ``mecs`` subcommand in a child process; fail loudly on a code not in ``ok``."""
     proc = subprocess.run(
         [sys.executable, "-m", "mecs", *args],
         capture_output=True,
         text=True,
         env=dict(os.environ, **(env or {})),
     )
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise RuntimeError(f"mecs {args[0]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     for line in proc.stdout.splitlines():
         print(f"    {line}")
+    return proc.returncode
 
 
 def build_increments_stage(synth_dir: Path, cfg: Any, inc: Path) -> None:
@@ -245,7 +251,7 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     out.mkdir(parents=True, exist_ok=True)
     synth_dir, inc, repo = out / "synth", out / "increments.zarr", out / "models"
     emu, fc_dir, eval_dir = out / "emulator", out / "forecasts", out / "evaluation"
-    stages = Stages(out, fresh, total=8)
+    stages = Stages(out, fresh, total=9)
     cfg = load_config(preset, quick=quick, **plan.synth)
 
     stages.run(
@@ -308,6 +314,36 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
         online,
     )
 
+    gate_json = out / "promotion.json"
+
+    def gate() -> None:
+        # the fine-tuned version is a candidate: served only if it beats the offline one
+        code = _run_cli(
+            [
+                "promote",
+                "--repository",
+                str(repo),
+                "--name",
+                MODEL,
+                "--data",
+                str(synth_dir),
+                "--host",
+                "l96",
+                "--free-run",
+                str(plan.gate_free_run),
+                *plan.gate,
+                "--out",
+                str(gate_json.with_suffix(".partial")),
+            ],
+            ok=(0, 3),
+        )
+        doc = json.loads(gate_json.with_suffix(".partial").read_text())
+        doc["decision"] = "promoted" if code == 0 else "refused"
+        gate_json.write_text(json.dumps(doc, indent=1) + "\n")
+        gate_json.with_suffix(".partial").unlink()
+
+    stages.run("promotion gate: online against offline (mecs promote)", gate_json, gate)
+
     service_json = fc_dir / "service.json"
 
     def serve_and_forecast() -> None:
@@ -341,6 +377,7 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
                     env={"MECS_API_KEY": server.key},
                 )
                 figures[label] = _forecast_figures(store)
+                figures[label]["served_versions"] = _served_versions(store)
             text = server.metrics()
             figures["requests_total"] = _metric_total(text, "mecs_http_requests_total")
             figures["infer_requests"] = _metric_total(text, "mecs_inference_requests_total")
@@ -379,6 +416,13 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     total = time.perf_counter() - stages.t0
     print(f"[demo] finished in {total:.1f} s; the report is {report}")
     return 0
+
+
+def _served_versions(store: Path) -> list[int]:
+    from correction.storage import open_zarr
+
+    ds = open_zarr(store)
+    return sorted({int(v) for v in ds["model_version"].values if v >= 0})
 
 
 def _forecast_figures(store: Path) -> dict[str, Any]:

@@ -121,6 +121,7 @@ def write_report(out: Path, plan: Any, cfg: Any, timings: dict[str, float]) -> P
                 f"{_fmt(s['acf'].get('0.25'))} |"
             )
         lines += ["", "![Climate PDFs](evaluation/climate_pdf.png)", ""]
+    lines += _gate_section(out, service)
     lines += [
         "## Coupled forecasts through the service",
         "",
@@ -199,3 +200,46 @@ def markdown_to_html(text: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>mecs demo report</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
+
+
+def _gate_section(out: Path, service: dict[str, Any]) -> list[str]:
+    """The promotion gate's decision: the fine-tuned version against the offline one."""
+    path = out / "promotion.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    sc, rule = doc["scores"], doc["rule"]
+    lines = [
+        "## Promotion gate",
+        "",
+        f"`mecs promote` scored the fine-tuned version {doc['candidate']} (a candidate) "
+        f"against production, version {doc['production']}, on {sc['n_inits']} hindcasts from "
+        f"the held-out analyses (from {sc['held_out_start']}), against the analyses: mean RMSE "
+        f"ratio {sc['ratio']:.3f}; rule: at most {1 - rule['margin']:.2f}, no field above "
+        f"{1 + rule['tolerance']:.2f}, a free run of {rule['free_run_intervals']} analysis "
+        f"intervals within {rule['bound_std']:g} std. Decision: **{doc['decision']}**.",
+        "",
+        "| lead (analysis intervals) | candidate RMSE | production RMSE | none RMSE | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f, e in sc["fields"].items():
+        none = e.get("none_rmse") or [None] * len(rule["leads"])
+        for i, lead in enumerate(rule["leads"]):
+            if len(rule["leads"]) > 6 and lead % 5 and lead != rule["leads"][-1]:
+                continue
+            lines.append(
+                f"| {lead} | {_fmt(e['candidate_rmse'][i])} | {_fmt(e['production_rmse'][i])} | "
+                f"{_fmt(none[i])} | {_fmt(e['ratio_by_lead'][i])} |"
+            )
+    served = sorted({v for k in ("single", "ensemble") for v in service.get(k, {}).get(
+        "served_versions", []
+    )})
+    lines += [
+        "",
+        *[f"- {r}" for r in doc.get("reasons", [])],
+        "",
+        f"The service then answered with version(s) {served} (production).",
+        "",
+    ]
+    return lines
+

@@ -123,6 +123,26 @@ class Settings(ServiceSettings):
         ge=0,
         description="the trainer fine-tunes every this many seconds (0: once, on demand)",
     )
+    # the promotion gate the trainer runs after each fine-tuning job (mecs promote)
+    promote_margin: float = Field(
+        0.01,
+        gt=-1,
+        lt=1,
+        description="a candidate is promoted when its mean RMSE over production's is at most "
+        "1 - this, on the held-out analyses",
+    )
+    promote_tolerance: float = Field(
+        0.02,
+        gt=-1,
+        lt=1,
+        description="and no field's RMSE ratio is above 1 + this",
+    )
+    promote_free_run: int = Field(
+        200,
+        ge=0,
+        description="analysis intervals of the candidate's free run, which must stay finite "
+        "and bounded (0: no free run)",
+    )
     # torchrun of the training jobs (compose runs pretrain, emulator and trainer under it)
     train_processes: int = Field(
         1, ge=1, description="training processes per node (`torchrun --nproc-per-node`)"

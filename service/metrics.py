@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics as _disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
@@ -252,6 +252,34 @@ class ServiceMetrics:
             ["model"],
             registry=r,
         )
+        self.version_stage = Gauge(
+            "mecs_model_version_stage",
+            "1 for the stage of each loaded version (candidate, production, retired); join "
+            "with the request series on model and version",
+            ["model", "version", "stage"],
+            registry=r,
+        )
+        self._stages: dict[tuple[str, str], str] = {}
+        self.shadow_difference = Histogram(
+            "mecs_shadow_difference",
+            "RMS difference of a candidate's corrections from production's on live "
+            "requests, per field, in training-target standard deviations (shadow mode)",
+            ["model", "candidate", "field"],
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "mecs_shadow_requests",
+            "requests shadowed on a candidate, by outcome (ok, skipped, failed)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.recorded_samples = Counter(
+            "mecs_recorded_samples",
+            "samples recorded for mecs monitor (states and corrections served)",
+            ["model"],
+            registry=r,
+        )
         self.versions_loaded = Gauge(
             "mecs_model_versions_loaded", "versions held in memory per model", ["model"], registry=r
         )
@@ -277,6 +305,17 @@ class ServiceMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def set_stage(self, model: str, version: str, stage: str) -> None:
+        """Move a version's stage series to ``stage`` (one series per version)."""
+        old = self._stages.get((model, version))
+        if old == stage:
+            return
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                self.version_stage.remove(model, version, old)
+        self._stages[(model, version)] = stage
+        self.version_stage.labels(model, version, stage).set(1)
 
     def forget_version_served(self, model: str) -> None:
         """Drop a model's served-version series (the model was unloaded)."""

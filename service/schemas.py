@@ -109,6 +109,7 @@ class RepositoryEntry(BaseModel):
     version: str
     state: Literal["READY", "UNAVAILABLE"]
     reason: str
+    stage: str = "production"
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -122,6 +122,28 @@ class ServiceSettings(BaseSettings):
     max_pinned_versions: int = Field(
         4, ge=0, description="non-default versions kept loaded per model (LRU)"
     )
+    shadow: bool = Field(
+        False,
+        description="also run each model's newest candidate on live requests (never "
+        "answered) and export its distance from production (mecs_shadow_difference)",
+    )
+    shadow_max_in_flight: int = Field(
+        4, ge=1, description="requests shadowed at once; beyond it a request is not shadowed"
+    )
+    record_dir: str | None = Field(
+        None,
+        description="record a sample of the states corrected and the corrections returned "
+        "here, for mecs monitor (off when unset)",
+    )
+    record_fraction: float = Field(
+        0.01, gt=0, le=1, description="fraction of answered requests recorded"
+    )
+    record_file_samples: int = Field(
+        256, ge=1, description="samples per record file (netCDF, written when full)"
+    )
+    record_max_files: int = Field(
+        50, ge=1, description="record files kept per model; the oldest are removed"
+    )
     max_dt_ratio: float = Field(
         100.0,
         ge=0,

@@ -28,8 +28,16 @@ def test_quick_demo_end_to_end(tmp_path):
     for label in ("none", "poly3", "offline", "online", "limit"):
         row = re.search(rf"^\| {label} \| ([0-9.]+) \|", report, re.M)
         assert row and float(row.group(1)) == round(f[label]["valid_time"], 2)
-    # the coupled forecasts went through the HTTP service
+    # the gate scored the fine-tuned candidate against the offline production version
+    gate = json.loads((out / "promotion.json").read_text())
+    assert (gate["candidate"], gate["production"]) == (2, 1)
+    book = json.loads((out / "models" / "l96" / "stages.json").read_text())
+    assert book["records"][-1]["decision"] == gate["decision"]
+    assert "## Promotion gate" in report and f"**{gate['decision']}**" in report
+    served = 2 if gate["decision"] == "promoted" else 1
+    # the coupled forecasts went through the HTTP service, answered by production
     service = json.loads((out / "forecasts" / "service.json").read_text())
+    assert service["single"]["served_versions"] == [served]
     assert service["infer_requests"] > 0 and service["ensemble"]["members"] == 20
     assert service["single"]["degraded_steps"] == 0
     for png in ("rmse_vs_lead", "hovmoller", "climate_pdf", "training_curves"):
@@ -42,7 +50,7 @@ def test_quick_demo_end_to_end(tmp_path):
         text=True,
         timeout=300,
     )
-    assert again.returncode == 0 and again.stdout.count("reusing") == 7
+    assert again.returncode == 0 and again.stdout.count("reusing") == 8
 
 
 @pytest.mark.slow  # 50 s on 2 cores; test_qg_chain runs the same stages on QG in CI

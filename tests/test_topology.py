@@ -10,7 +10,8 @@ the result runs as a process with the service's environment. The chain:
 
     api (empty repository: not ready) + dask scheduler + worker
     -> synth -> pipeline on that scheduler -> pretrain (v1: the api becomes ready)
-    -> emulator -> trainer (v2: the api swaps to it) -> forecast through the api
+    -> emulator -> trainer (v2, a candidate; the gate promotes it; the api swaps to it)
+    -> forecast through the api
     -> Prometheus's scrape of /metrics -> SIGTERM to every long-running role
 
 Each role runs in its own process group; after SIGTERM to the main process (what
@@ -392,6 +393,11 @@ def topology(tmp_path):
             "MECS_EMULATOR_EPOCHS": "1",
             "MECS_FINETUNE_ITERATIONS": "10",
             "MECS_TRAIN_INTERVAL_S": "0",
+            # ten iterations on a tiny benchmark: the gate runs for real, with a rule
+            # lenient enough that the candidate is promoted and the api swaps to it
+            "MECS_PROMOTE_MARGIN": "-0.5",
+            "MECS_PROMOTE_TOLERANCE": "0.5",
+            "MECS_PROMOTE_FREE_RUN": "20",
             # the training roles under torchrun with 2 processes (gloo), as a centre runs them
             "MECS_TRAIN_PROCESSES": "2",
             "MECS_TRAIN_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
@@ -487,6 +493,11 @@ def test_compose_topology_on_loopback(topology):
         assert out.count("finetune: published") == 1, out  # rank 0 alone publishes
         v2 = Path(variables["MECS_REPOSITORY"]) / model / "2" / "config.json"
         assert json.loads(v2.read_text())["training"]["world_size"] == 2
+        # then the gate: scored against v1 on held-out analyses, promoted, recorded
+        assert "promote: v2 is production" in out, out
+        book = json.loads((v2.parent.parent / "stages.json").read_text())
+        assert book["stages"] == {"1": "retired", "2": "production"}
+        assert book["records"][-1]["decision"] == "promoted" and book["records"][-1]["scores"]
         wait_for("the api to serve v2", lambda: served_version() == "2", 30, api)
 
         # a coupled forecast through the api, with the client key

@@ -102,8 +102,12 @@ def pretrain(
     work_dir: str | Path | None = None,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    stage: str | None = None,
 ) -> PretrainResult:
     """Train on ``data`` and publish ``repository/name/<next version>``.
+
+    ``stage`` is the new version's (:func:`correction.artifacts.publish`): None makes
+    it a candidate on a gated model and leaves an ungated one ungated.
 
     ``work_dir`` holds the resumable checkpoint (default: a hidden directory under
     ``repository/name`` keyed by data hash and settings), removed after publishing.
@@ -305,7 +309,7 @@ def pretrain(
     # here, finished: it finds its version instead of publishing the same weights twice
     mv = artifacts.find_published(repository, name, artifacts.weights_digest(model), run_key)
     if mv is None:
-        mv = artifacts.publish(repository, name, model, config)
+        mv = artifacts.publish(repository, name, model, config, stage=stage)
     else:
         log.warning(
             "this run was already published as %s version %d (stopped before its checkpoint "

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             data_ref=str(data.path),
             progress=not args.no_progress,
             host_spec=args.host,
+            stage=args.stage,
         )
     except HostProcessError as err:  # nothing was published
         print(f"error: mecs finetune: {err}", file=sys.stderr)
@@ -112,6 +113,16 @@ def run(args: argparse.Namespace) -> int:
     first, best = result.history[0]["val_loss"], result.best_val
     report(f"finetune: mode {cfg.mode}; validation a posteriori loss {first:.5f} -> {best:.5f}")
     report(f"finetune: published {result.version.path.resolve()} ({result.wall_time:.1f} s)")
+    from correction import stages
+
+    mv = result.version
+    stage = stages.read(args.repository, mv.name).stage_of(mv.version)
+    if stage == stages.CANDIDATE:
+        report(
+            f"finetune: version {mv.version} is a candidate; `mecs promote --repository "
+            f"{args.repository} --name {mv.name} --version {mv.version} ...` verifies it "
+            "against production and promotes it if it wins"
+        )
     return 0
 
 
@@ -140,5 +151,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--config", help="JSON or TOML file of finetune settings")
+    p.add_argument(
+        "--stage",
+        choices=["candidate", "production"],
+        default="candidate",
+        help="the new version's stage (default candidate: served once mecs promote passes it)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -23,7 +23,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"increment store {args.data} does not exist")
     except (ArtifactError, ConfigError, ValueError) as err:
         raise UsageError(f"mecs pretrain: {err}") from None
-    result = pretrain(args.data, args.repository, args.name, cfg, progress=not args.no_progress)
+    result = pretrain(
+        args.data,
+        args.repository,
+        args.name,
+        cfg,
+        progress=not args.no_progress,
+        stage=args.stage,
+    )
     if result.resumed_from is not None:
         report(f"pretrain: resumed from the checkpoint after epoch {result.resumed_from}")
     report(
@@ -51,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="uniform (default), or sift: backpropagate on the highest early-exit losses "
         "of a pool (sift_pool, sift_floor in --config)",
+    )
+    p.add_argument(
+        "--stage",
+        choices=("candidate", "production"),
+        default=None,
+        help="the new version's stage (default: a candidate once the model is gated, see "
+        "mecs promote; the newest is served on an ungated one)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -46,6 +46,8 @@ class LoadedModel:
         self.dtype = self.forward.dtype
         # checked request headers of this version (service.routers.checks.plan_for)
         self.plans: dict[bytes, object] = {}
+        # candidate, production or retired (correction.stages); set by the repository
+        self.stage = "production"
         self.runtime = self.forward.runtime
         labels = (self.name, self.version_str)
         # this version's series, resolved once: the hot path updates them directly
@@ -84,6 +86,15 @@ class LoadedModel:
         group: tuple[str, int] | None = None,
     ) -> BatchResult:
         return await self.batcher.submit(state, forcings, ticket, group)
+
+    def set_stage(self, stage: str) -> None:
+        """A new stage (a promotion): answers name it from the next request on, so the
+        answer headers cached with this version's plans are dropped."""
+        self.stage = stage
+        for plan in self.plans.values():
+            heads = getattr(plan, "heads", None)
+            if heads is not None:
+                heads.clear()
 
     def warm_up(self) -> None:
         """One forward pass so the first real request does not pay allocation costs."""

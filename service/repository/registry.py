@@ -2,9 +2,11 @@
 
 Every model under the repository directory (Triton layout ``name/version/``) is
 served; requests without a version get the model's *default* version, which is
-the newest complete version on disk unless an administrator pinned another with
-the load endpoint. Other versions are loaded on first request and kept in a small
-LRU cache.
+its production version (:mod:`correction.stages`: the newest complete version of
+an ungated model) unless an administrator pinned another with the load endpoint.
+A candidate is answered only to a request that names its version. Other versions
+are loaded on first request and kept in a small LRU cache. Every loaded version
+carries its stage, re-read at each scan, and every answer names it.
 
 Swaps are atomic: a request resolves its :class:`LoadedModel` once, at the start,
 and keeps that object (weights, guardrails, batch queue) to the end, while the
@@ -25,7 +27,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from correction import artifacts
+from correction import artifacts, stages
 from correction.artifacts import ArtifactError
 from correction.inference import Corrector
 
@@ -40,12 +42,13 @@ log = logging.getLogger("mecs.service")
 
 @dataclass(frozen=True)
 class VersionStatus:
-    """One version on disk: served (ready) or not, and why."""
+    """One version on disk: served (ready) or not, and why; and its stage."""
 
     name: str
     version: int
     ready: bool
     reason: str
+    stage: str = stages.PRODUCTION
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ModelSlot:
     # (a hand copy that completed, a fixed file) is tried again
     failed_at: dict[int, tuple] = field(default_factory=dict)
     loading: dict[int, asyncio.Future] = field(default_factory=dict)
+    book: stages.StageBook | None = None
 
 
 class ModelRepository:
@@ -117,6 +121,30 @@ class ModelRepository:
     def _scan(self) -> dict[str, list[int]]:
         return {n: artifacts.list_versions(self.root, n) for n in artifacts.list_models(self.root)}
 
+    def _books(self, names) -> dict[str, stages.StageBook | None]:
+        """Each model's stage book; None for an unreadable one (reported, and the
+        model keeps serving what it serves)."""
+        out = {}
+        for n in names:
+            try:
+                out[n] = stages.read(self.root, n)
+            except stages.StageError as err:
+                log.error("model '%s': %s; keeping the versions it serves", n, err)
+                out[n] = None
+        return out
+
+    def _apply_stages(self, slot: ModelSlot, book: stages.StageBook, versions: list[int]) -> None:
+        """Tell every loaded version of the slot its stage (answers and metrics name it)."""
+        slot.book = book
+        models = list(slot.pinned.values())
+        if slot.default is not None:
+            models.append(slot.default)
+        for m in models:
+            stage = book.stage_of(m.version, versions)
+            if stage != m.stage:
+                m.set_stage(stage)
+                self.metrics.set_stage(slot.name, m.version_str, stage)
+
     def traffic_for(self, name: str) -> Traffic:
         t = self.traffic.get(name)
         if t is None:
@@ -127,6 +155,11 @@ class ModelRepository:
         corrector = self.loader(self.root, name, version)
         model = LoadedModel(corrector, self.settings, traffic, self.executor, self.metrics)
         model.warm_up()
+        try:
+            book = stages.read(self.root, name)
+            model.set_stage(book.stage_of(version, artifacts.list_versions(self.root, name)))
+        except stages.StageError:
+            model.set_stage("unknown")  # the scan reports the file
         return model
 
     async def _load(self, slot: ModelSlot, version: int) -> LoadedModel:
@@ -157,6 +190,7 @@ class ModelRepository:
         slot.failed.pop(version, None)
         slot.failed_at.pop(version, None)
         model.batcher.attach()
+        self.metrics.set_stage(slot.name, model.version_str, model.stage)
         self.metrics.loads.labels(slot.name, "ok").inc()
         future.set_result(model)
         return model
@@ -192,18 +226,23 @@ class ModelRepository:
         """Scan the repository and move each model's default to its target version."""
         async with self._lock:
             disk = await asyncio.to_thread(self._scan)
-            for name, versions in disk.items():
-                if only is not None and name != only:
-                    continue
+            names = [n for n in disk if only is None or n == only]
+            books = await asyncio.to_thread(self._books, names)
+            for name in names:
+                versions = disk[name]
                 slot = self.slots.setdefault(name, ModelSlot(name))
+                book = books[name]
+                if book is None:
+                    continue
                 if slot.unloaded or not versions:
+                    self._apply_stages(slot, book, versions)
                     continue
                 if slot.failed_at:
                     await asyncio.to_thread(self._changed_since_failure, slot)
                 if slot.pin in versions and slot.pin not in slot.failed:
                     targets = [slot.pin]
-                else:  # newest first; a version that fails to load is skipped
-                    targets = [v for v in reversed(versions) if v not in slot.failed]
+                else:  # production, then the last good ones; a failed version is skipped
+                    targets = [v for v in book.fallbacks(versions) if v not in slot.failed]
                 for target in targets:
                     if slot.default is not None and slot.default.version == target:
                         break
@@ -215,6 +254,7 @@ class ModelRepository:
                             continue  # reported; keep serving what we have
                     self._set_default(slot, model)
                     break
+                self._apply_stages(slot, book, versions)
 
     # -- resolving -------------------------------------------------------------------
     def _slot(self, name: str) -> ModelSlot:
@@ -270,9 +310,11 @@ class ModelRepository:
     async def statuses(self) -> list[VersionStatus]:
         """Every version on disk and whether it is served (the repository index)."""
         disk = await asyncio.to_thread(self._scan)
+        books = await asyncio.to_thread(self._books, list(disk))
         out = []
         for name in sorted(set(disk) | set(self.slots)):
             slot = self.slots.get(name)
+            book = books.get(name) or stages.StageBook(name)
             for v in disk.get(name, []):
                 loaded = slot is not None and (
                     (slot.default is not None and slot.default.version == v) or v in slot.pinned
@@ -287,7 +329,7 @@ class ModelRepository:
                     ready, reason = False, "unloaded"
                 else:
                     ready, reason = False, "not loaded"
-                out.append(VersionStatus(name, v, ready, reason))
+                out.append(VersionStatus(name, v, ready, reason, book.stage_of(v, disk[name])))
         return out
 
     async def load(self, name: str, version: int | None = None) -> LoadedModel:

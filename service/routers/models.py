@@ -83,6 +83,7 @@ def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
         "outputs": [{"name": "correction", "datatype": dt, "shape": shape}],
         "version": model.version_str,
         "parameters": {
+            "stage": model.stage,
             "accepted_datatypes": ["FP32", "FP64"],
             "dims": ["batch", *layout.state_dims],
             # the packing, explicit: channels are the fields' levels in this order
@@ -303,6 +304,7 @@ def _response_header(plan, model, batch_size, ood, n_ood, n_capped) -> dict[str,
         "capped_values": n_capped,
         **plan.extra,
     }
+    params["model_stage"] = model.stage
     header: dict[str, Any] = {"model_name": model.name, "model_version": model.version_str}
     if plan.id is not None:
         header["id"] = plan.id

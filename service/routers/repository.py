@@ -63,6 +63,7 @@ def _render(statuses: list[VersionStatus]) -> list[dict[str, str]]:
             "version": str(s.version),
             "state": "READY" if s.ready else "UNAVAILABLE",
             "reason": s.reason,
+            "stage": s.stage,
         }
         for s in statuses
     ]

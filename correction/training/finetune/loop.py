@@ -81,8 +81,11 @@ def finetune(
     progress: bool = True,
     publish_as: str | None = None,
     host_spec: str | None = None,
+    stage: str = "candidate",
 ) -> FinetuneResult:
-    """Fine-tune ``name`` (newest or ``from_version``) and publish a new version.
+    """Fine-tune ``name`` (its production version or ``from_version``) and publish a
+    new version, as a ``candidate`` by default: it is served once ``mecs promote``
+    has verified it against production (``stage="production"`` skips that).
 
     ``analyses`` ``[T, *state]`` at consecutive analysis times; only indices before
     ``train_end`` are used (the last ``val_fraction`` of them for validation).
@@ -196,7 +199,7 @@ def finetune(
         "val_loss_before": history[0]["val_loss"],
         "val_unroll": cfg.max_unroll,
     }
-    mv = artifacts.publish(repository, publish_as or name, model, config)
+    mv = artifacts.publish(repository, publish_as or name, model, config, stage=stage)
     dist.broadcast_json({"version": mv.version})
     return FinetuneResult(mv, history, best_val, host_calls, time.perf_counter() - t0)
 
