@@ -180,3 +180,16 @@ class ModelLayout:
         import xarray as xr
 
         return xr.Dataset(out, coords=coords)
+
+
+def field_slices(layout: ModelLayout) -> list[tuple[str, slice | None]]:
+    """Each field's channels in a state ``[batch, *state_shape]`` (None: a one-field
+    model's whole state), for scores and metrics kept per field."""
+    if len(layout.fields) == 1:
+        return [(layout.fields[0], None)]
+    out, start = [], 0
+    for f in layout.fields:
+        n = layout.n_levels(f)
+        out.append((f, slice(start, start + n)))
+        start += n
+    return out

@@ -31,6 +31,7 @@ COMMANDS = [
     "verify",
     "forecast",
     "serve",
+    "monitor",
     "demo",
 ]
 

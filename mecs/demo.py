@@ -131,7 +131,7 @@ def _metric_total(text: str, name: str) -> float:
 class ServiceProcess:
     """``mecs serve`` as a child process on 127.0.0.1 with a one-off API key."""
 
-    def __init__(self, repository: Path, log: Path) -> None:
+    def __init__(self, repository: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.key = secrets.token_urlsafe(24)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -140,6 +140,7 @@ class ServiceProcess:
             MECS_INFERENCE_KEYS=self.key,
             MECS_ADMIN_KEYS=self.key,
             MECS_LOG_LEVEL="warning",
+            **(env or {}),
         )
         self.log = log.open("w")
         self.proc = subprocess.Popen(
@@ -251,7 +252,7 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     out.mkdir(parents=True, exist_ok=True)
     synth_dir, inc, repo = out / "synth", out / "increments.zarr", out / "models"
     emu, fc_dir, eval_dir = out / "emulator", out / "forecasts", out / "evaluation"
-    stages = Stages(out, fresh, total=9)
+    stages = Stages(out, fresh, total=10)
     cfg = load_config(preset, quick=quick, **plan.synth)
 
     stages.run(
@@ -348,7 +349,14 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
 
     def serve_and_forecast() -> None:
         fc_dir.mkdir(parents=True, exist_ok=True)
-        server = ServiceProcess(repo, fc_dir / "serve.log")
+        records = out / "records"
+        shutil.rmtree(records, ignore_errors=True)
+        # every answer recorded (a small run): mecs monitor scores them afterwards
+        server = ServiceProcess(
+            repo,
+            fc_dir / "serve.log",
+            env={"MECS_RECORD_DIR": str(records), "MECS_RECORD_FRACTION": "1.0"},
+        )
         try:
             print(f"    mecs serve is ready at {server.url}")
             figures: dict[str, Any] = {"url": server.url}
@@ -378,6 +386,7 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
                 )
                 figures[label] = _forecast_figures(store)
                 figures[label]["served_versions"] = _served_versions(store)
+            figures["cycles"] = _cycle_starts(server, bench, train_end)
             text = server.metrics()
             figures["requests_total"] = _metric_total(text, "mecs_http_requests_total")
             figures["infer_requests"] = _metric_total(text, "mecs_inference_requests_total")
@@ -390,6 +399,46 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
         service_json,
         serve_and_forecast,
     )
+
+    monitor_json = out / "monitoring.json"
+
+    def monitoring() -> None:
+        from correction.evaluation.monitoring import predicted_reduction
+
+        served = Corrector.load(repo, MODEL)  # production: what the service answered with
+        _run_cli(
+            [
+                "monitor",
+                "--records",
+                str(out / "records"),
+                "--name",
+                MODEL,
+                "--analyses",
+                str(synth_dir),
+                "--host",
+                "l96",
+                "--out",
+                str(monitor_json.with_suffix(".partial")),
+                "--textfile",
+                str(out / "monitoring.prom"),
+            ]
+        )
+        doc = json.loads(monitor_json.with_suffix(".partial").read_text())
+        doc["predicted"] = {
+            "version": int(served.version),
+            "store": str(inc),
+            "split": "test",
+            "fields": predicted_reduction(served, inc, "test"),
+        }
+        monitor_json.write_text(json.dumps(doc, indent=1) + "\n")
+        monitor_json.with_suffix(".partial").unlink()
+        for f, p in doc["predicted"]["fields"].items():
+            print(
+                f"    predicted by the increment store's test split: {f} "
+                f"{p['increment_reduction']:.4f} +- {p['spread']:.4f}"
+            )
+
+    stages.run("live skill monitoring (mecs monitor)", monitor_json, monitoring)
 
     metrics_path = eval_dir / "metrics.json"
 
@@ -416,6 +465,21 @@ def run_demo(out: Path, preset: str = "l96-2s", quick: bool = False, fresh: bool
     total = time.perf_counter() - stages.t0
     print(f"[demo] finished in {total:.1f} s; the report is {report}")
     return 0
+
+
+def _cycle_starts(server: ServiceProcess, bench: Any, train_end: int) -> int:
+    """A cycling forecast system's first step of every held-out cycle: each analysis
+    sent with its ``valid_time``, so the recorded answers can be scored later."""
+    import numpy as np
+
+    from service.client import CorrectionClient
+
+    times = np.asarray(bench.times)[train_end:-1]
+    states = np.asarray(bench.analyses)[train_end:-1]
+    with CorrectionClient(server.url, MODEL, api_key=server.key) as client:
+        for t, x in zip(times, states, strict=True):
+            client.infer(x[None], valid_time=float(t))
+    return int(len(times))
 
 
 def _served_versions(store: Path) -> list[int]:

@@ -122,6 +122,7 @@ def write_report(out: Path, plan: Any, cfg: Any, timings: dict[str, float]) -> P
             )
         lines += ["", "![Climate PDFs](evaluation/climate_pdf.png)", ""]
     lines += _gate_section(out, service)
+    lines += _monitoring_section(out)
     lines += [
         "## Coupled forecasts through the service",
         "",
@@ -222,7 +223,7 @@ def _gate_section(out: Path, service: dict[str, Any]) -> list[str]:
         "| lead (analysis intervals) | candidate RMSE | production RMSE | none RMSE | ratio |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for f, e in sc["fields"].items():
+    for _, e in sc["fields"].items():
         none = e.get("none_rmse") or [None] * len(rule["leads"])
         for i, lead in enumerate(rule["leads"]):
             if len(rule["leads"]) > 6 and lead % 5 and lead != rule["leads"][-1]:
@@ -231,9 +232,9 @@ def _gate_section(out: Path, service: dict[str, Any]) -> list[str]:
                 f"| {lead} | {_fmt(e['candidate_rmse'][i])} | {_fmt(e['production_rmse'][i])} | "
                 f"{_fmt(none[i])} | {_fmt(e['ratio_by_lead'][i])} |"
             )
-    served = sorted({v for k in ("single", "ensemble") for v in service.get(k, {}).get(
-        "served_versions", []
-    )})
+    served = sorted(
+        {v for k in ("single", "ensemble") for v in service.get(k, {}).get("served_versions", [])}
+    )
     lines += [
         "",
         *[f"- {r}" for r in doc.get("reasons", [])],
@@ -243,3 +244,41 @@ def _gate_section(out: Path, service: dict[str, Any]) -> list[str]:
     ]
     return lines
 
+
+def _monitoring_section(out: Path) -> list[str]:
+    """What mecs monitor found in the service's records, against the prediction."""
+    path = out / "monitoring.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    pred = doc["predicted"]
+    matched = doc["samples"] - doc["unmatched"]
+    lines = [
+        "## Live skill monitoring",
+        "",
+        f"The service recorded every answer (`MECS_RECORD_DIR`); a cycling client sent each "
+        f"held-out analysis with its valid time. `mecs monitor` matched {matched}"
+        f" of {doc['samples']} recorded samples with the next analysis and scored the served "
+        "corrections: increment reduction = 1 - RMS(analysis - corrected forecast) / "
+        "RMS(analysis - uncorrected forecast) over one analysis window. The prediction is "
+        f"the same figure for version {pred['version']} on the increment store's "
+        f"{pred['split']} split, +- the spread over 10 time blocks. Out-of-distribution "
+        f"rate of the recorded samples: {doc['ood_rate']:.4f}.",
+        "",
+        "| version | stage | field | samples | monitored reduction | predicted | within spread |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for version, v in doc["versions"].items():
+        for f, e in v["fields"].items():
+            p = pred["fields"].get(f, {})
+            red, want, spread = (
+                e["increment_reduction"],
+                p.get("increment_reduction"),
+                p.get("spread"),
+            )
+            within = "n/a" if want is None else ("yes" if abs(red - want) <= spread else "no")
+            lines.append(
+                f"| {version} | {v['stage']} | {f} | {v['scored']} | {red:.4f} | "
+                f"{_fmt(want, 4)} +- {_fmt(spread, 4)} | {within} |"
+            )
+    return [*lines, ""]

@@ -143,6 +143,12 @@ class Settings(ServiceSettings):
         description="analysis intervals of the candidate's free run, which must stay finite "
         "and bounded (0: no free run)",
     )
+    monitor_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="the monitoring profile's mecs monitor re-scores the service's records "
+        "every this many seconds",
+    )
     # torchrun of the training jobs (compose runs pretrain, emulator and trainer under it)
     train_processes: int = Field(
         1, ge=1, description="training processes per node (`torchrun --nproc-per-node`)"

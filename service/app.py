@@ -36,8 +36,10 @@ from .auth import KeyStore
 from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .middleware import ServiceMiddleware, _client_gone, _error
+from .recorder import Recorder
 from .repository import ModelRepository
 from .settings import ServiceSettings, SettingsError, load_settings
+from .shadow import Shadow
 from .shm import SharedMemoryRegistry
 
 log = logging.getLogger("mecs.service")
@@ -105,6 +107,8 @@ class ServiceState:
     repository: ModelRepository | None = None
     executor: ThreadPoolExecutor | None = None
     shared_memory: SharedMemoryRegistry | None = None
+    shadow: Shadow | None = None  # shadow mode (settings.shadow)
+    recorder: Recorder | None = None  # samples for mecs monitor (settings.record_dir)
     started_at: float = field(default_factory=time.time)
 
 
@@ -221,6 +225,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
             torch.set_num_threads(settings.torch_threads)
         state.executor = ThreadPoolExecutor(1, thread_name_prefix="mecs-forward")
+        if settings.shadow:
+            state.shadow = Shadow(state.metrics, settings.shadow_max_in_flight)
+        if settings.record_dir:
+            state.recorder = Recorder(
+                settings.record_dir,
+                settings.record_fraction,
+                settings.record_file_samples,
+                settings.record_max_files,
+                state.metrics,
+            )
         repo = ModelRepository(settings.repository, settings, state.metrics, state.executor)
         await repo.start()
         state.repository = repo
@@ -234,6 +248,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if state.shadow is not None:
+                await state.shadow.drain()
+            if state.recorder is not None:
+                await state.recorder.close()
             await repo.stop()
             state.executor.shutdown(wait=True)
             state.shared_memory.close()

@@ -198,7 +198,7 @@ class ServiceSettings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("ssl_certfile", "ssl_keyfile", mode="before")
+    @field_validator("ssl_certfile", "ssl_keyfile", "record_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -21,21 +21,11 @@ import logging
 
 import numpy as np
 
+from correction.layout import field_slices
+
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("mecs.service")
-
-
-def field_slices(layout) -> list[tuple[str, slice | None]]:
-    """Each field's channels in a state ``[batch, *state_shape]`` (None: the whole state)."""
-    if len(layout.fields) == 1:
-        return [(layout.fields[0], None)]
-    out, start = [], 0
-    for f in layout.fields:
-        n = layout.n_levels(f)
-        out.append((f, slice(start, start + n)))
-        start += n
-    return out
 
 
 def field_differences(layout, out_std: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
@@ -87,8 +77,12 @@ class Shadow:
             self.metrics.shadow_requests.labels(candidate.name, "ok").inc()
         except Exception as err:  # the candidate's trouble is reported, never the caller's
             self.metrics.shadow_requests.labels(candidate.name, "failed").inc()
-            log.warning("shadow run of model '%s' v%s failed: %s", candidate.name,
-                        candidate.version_str, err)
+            log.warning(
+                "shadow run of model '%s' v%s failed: %s",
+                candidate.name,
+                candidate.version_str,
+                err,
+            )
         finally:
             self.in_flight -= 1
 

@@ -175,7 +175,7 @@ def test_compose_topology_is_what_the_issue_asks_for():
     assert set(services) >= {"api", "trainer", "scheduler", "worker", "pipeline", "prometheus"}
     assert services["prometheus"]["profiles"] == ["monitoring"]
     # every mecs role runs the one image built from deploy/Dockerfile
-    mecs_roles = [n for n in services if n not in ("prometheus", "lb")]
+    mecs_roles = [n for n in services if n not in ("prometheus", "lb", "grafana")]
     for name in mecs_roles:
         build = services[name]["build"]
         assert build["dockerfile"] == "deploy/Dockerfile" and build["context"] == ".", name
@@ -460,7 +460,10 @@ def test_no_registry_host_is_written():
         if path.is_file() and path.suffix != ".whl":
             texts[str(path.relative_to(ROOT))] = path.read_text()
     # mecs_api: the nginx upstream (deploy/nginx/mecs.conf) of the replicas
-    allowed_hosts = {"127.0.0.1", "localhost", "api", "scheduler", "host", "bucket", "mecs_api"}
+    allowed_hosts = {
+        *("127.0.0.1", "localhost", "api", "scheduler", "host", "bucket", "mecs_api"),
+        "prometheus",  # the Grafana data source of the monitoring profile
+    }
     for where, text in texts.items():
         for host in re.findall(r"[a-z0-9+]+://([^/:;\s\"'<>`]+)", text):
             assert host in allowed_hosts, f"{where} names host {host}"
@@ -570,3 +573,52 @@ def test_kubernetes_manifests_validate_against_the_api_schemas():
     # the Service selects the Deployment's pods
     selector = kinds["Service"]["spec"]["selector"]
     assert selector.items() <= pod["metadata"]["labels"].items()
+
+
+# ---------------------------------------------------------------------------
+# the monitoring profile's dashboard
+
+
+def test_grafana_dashboard_is_the_built_one_and_loads_through_grafanas_schema():
+    """The committed dashboard is what deploy/grafana/dashboard.py builds with Grafana's
+    typed builders, it loads back through the schema's model unchanged (no field the
+    schema does not know), and every series it plots is one the service or mecs monitor
+    exports."""
+    import importlib.util
+
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    spec = importlib.util.spec_from_file_location("dash", ROOT / "deploy/grafana/dashboard.py")
+    dash = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dash)
+    committed = json.loads((ROOT / "deploy/grafana/dashboards/mecs.json").read_text())
+    assert committed == dash.build(), "run python deploy/grafana/dashboard.py"
+    again = json.loads(json.dumps(Dashboard.from_json(committed), cls=JSONEncoder))
+    assert again == committed
+    exprs = [t["expr"] for p in committed["panels"] for t in p.get("targets", [])]
+    names = set(re.findall(r"\b(mecs_[a-z_]+?)(?:_bucket|_sum|_count|_total)?\b", " ".join(exprs)))
+    from service.metrics import ServiceMetrics
+
+    exported = {m.name for m in ServiceMetrics().registry.collect()}
+    monitor = {
+        "mecs_monitor_increment_reduction",
+        "mecs_monitor_skill_alert",
+        "mecs_monitor_ood_rate",
+    }
+    assert names and names <= exported | monitor, names - exported - monitor
+    titles = " ".join(p["title"] for p in committed["panels"])
+    for what in ("latency", "forward pass", "version", "Out-of-distribution", "Increment"):
+        assert what in titles, what
+    # provisioned by compose: the data source uid the panels name, the dashboard file
+    services = compose()["services"]
+    grafana = services["grafana"]
+    assert grafana["profiles"] == ["monitoring"]
+    targets = {c["target"] for c in grafana["configs"]}
+    assert "/var/lib/grafana/dashboards/mecs.json" in targets
+    source = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    uids = {d["uid"] for d in source["datasources"]}
+    assert {p["datasource"]["uid"] for p in committed["panels"] if "datasource" in p} <= uids
+    assert services["monitor"]["command"][0] == "monitor"

@@ -113,7 +113,12 @@ def test_a_worse_candidate_is_refused_a_better_one_promoted(gated, tiny_synth, t
     book = stages.read(repo, "l96")
     assert book.production([1, 2, 3]) == 1 and book.stages[2] == "retired"
     assert book.records[-1]["decision"] == "rollback"
-    assert main(["promote", "--repository", str(repo), "--name", "l96", "--version", "2", "--rollback"]) == 0
+    assert (
+        main(
+            ["promote", "--repository", str(repo), "--name", "l96", "--version", "2", "--rollback"]
+        )
+        == 0
+    )
     assert stages.read(repo, "l96").production([1, 2, 3]) == 2
 
 

@@ -114,7 +114,9 @@ def _interval(times: np.ndarray, host) -> float:
 def _source(corrector: Corrector | None, host, cap_std, ood_std, runtime):
     if corrector is None:
         return ZeroCorrection()
-    source = GuardedCorrection(corrector, cap_std=cap_std, ood_threshold_std=ood_std, runtime=runtime)
+    source = GuardedCorrection(
+        corrector, cap_std=cap_std, ood_threshold_std=ood_std, runtime=runtime
+    )
     unit = getattr(host, "time_unit", None)
     if unit is not None:
         source.time_scale = scale(corrector.time_unit, unit)
@@ -202,7 +204,9 @@ def score(
         except FloatingPointError as err:
             runs[label] = str(err)
         if rule.free_run_intervals and corrector is not None:
-            free[label] = _free_run(host, src, x0[-1:], rule.free_run_intervals * per, per, mean, std)
+            free[label] = _free_run(
+                host, src, x0[-1:], rule.free_run_intervals * per, per, mean, std
+            )
     for label, r in runs.items():
         if isinstance(r, str) and label != "none":
             raise GateError(f"the {label} hindcasts left the finite numbers: {r}")
@@ -228,14 +232,16 @@ def score(
         entry = {
             "ratio_by_lead": ratio[rows].mean(axis=1).tolist(),
             "ratio": float(np.nanmean(ratio[rows])),
-            "candidate_rmse": np.array(e["rmse"], float).reshape(len(cand["leads"]), -1)[rows]
+            "candidate_rmse": np.array(e["rmse"], float)
+            .reshape(len(cand["leads"]), -1)[rows]
             .mean(axis=1)
             .tolist(),
             "production_rmse": np.array(e["reference_rmse"], float)
             .reshape(len(cand["leads"]), -1)[rows]
             .mean(axis=1)
             .tolist(),
-            "candidate_acc": np.array(e["acc"], float).reshape(len(cand["leads"]), -1)[rows]
+            "candidate_acc": np.array(e["acc"], float)
+            .reshape(len(cand["leads"]), -1)[rows]
             .mean(axis=1)
             .tolist(),
             "units": e["units"],

@@ -222,8 +222,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dims", help="rename the analyses' dims, e.g. valid_time=time")
     add_host_options(p)
     p.add_argument(
-        "--since", help="first analysis time of the held-out period (default: the store's "
-        "test_start, else its newest 20 %%)"
+        "--since",
+        help="first analysis time of the held-out period (default: the store's "
+        "test_start, else its newest 20 %%)",
     )
     p.add_argument("--rule", help="JSON or TOML file of gate settings (flags win)")
     p.add_argument("--intervals", type=int, help="hindcast length in analysis intervals (4)")

@@ -303,12 +303,15 @@ class CorrectionClient(RegionCalls, Degradation):
         forcings: np.ndarray | None = None,
         binary: bool | None = None,
         dt_unit: str | None = None,
+        valid_time: float | str | None = None,
     ) -> InferResult:
         """One infer call (raises :class:`ServiceError` on failure, after retries).
 
         ``dt`` in ``dt_unit`` (default: the client's ``dt_unit``): the correction comes
         back per that unit, converted by the server, which refuses a ``dt`` whose unit
-        is missing or does not convert to the model's.
+        is missing or does not convert to the model's. ``valid_time`` (the states'
+        time: a number or an ISO 8601 string) lets a recording service's samples be
+        matched with the analyses that arrive later (``mecs monitor``).
         """
         arr = np.asarray(state)
         single = arr.ndim == 1
@@ -324,6 +327,8 @@ class CorrectionClient(RegionCalls, Degradation):
             params["degraded_steps"] = reported
         if self.group is not None:
             params["group"], params["group_size"] = self.group, self.group_size
+        if valid_time is not None:
+            params["valid_time"] = valid_time
         inputs = {"state": batch}
         if forcings is not None:
             inputs["forcings"] = np.asarray(forcings, dtype=batch.dtype).reshape(len(batch), -1)

@@ -66,6 +66,7 @@ class ModelSlot:
     failed_at: dict[int, tuple] = field(default_factory=dict)
     loading: dict[int, asyncio.Future] = field(default_factory=dict)
     book: stages.StageBook | None = None
+    shadow: LoadedModel | None = None  # the newest candidate, with shadow mode on
 
 
 class ModelRepository:
@@ -139,6 +140,8 @@ class ModelRepository:
         models = list(slot.pinned.values())
         if slot.default is not None:
             models.append(slot.default)
+        if slot.shadow is not None:
+            models.append(slot.shadow)
         for m in models:
             stage = book.stage_of(m.version, versions)
             if stage != m.stage:
@@ -247,6 +250,9 @@ class ModelRepository:
                     if slot.default is not None and slot.default.version == target:
                         break
                     model = slot.pinned.pop(target, None)
+                    shadow = slot.shadow
+                    if model is None and shadow is not None and shadow.version == target:
+                        model, slot.shadow = shadow, None  # the shadowed candidate, promoted
                     if model is None:
                         try:
                             model = await self._load(slot, target)
@@ -255,6 +261,41 @@ class ModelRepository:
                     self._set_default(slot, model)
                     break
                 self._apply_stages(slot, book, versions)
+                if self.settings.shadow:
+                    await self._refresh_shadow(slot, book, versions)
+
+    async def _refresh_shadow(self, slot: ModelSlot, book, versions: list[int]) -> None:
+        """Keep the slot's newest candidate loaded for shadow mode (or none)."""
+        cands = [
+            v
+            for v in versions
+            if book.gated and book.stage_of(v) == stages.CANDIDATE and v not in slot.failed
+        ]
+        want = cands[-1] if cands else None
+        current = slot.shadow
+        if current is not None and current.version == want:
+            return
+        if (
+            current is not None
+            and current is not slot.default
+            and current.version not in slot.pinned
+        ):
+            current.batcher.retire()
+        slot.shadow = None
+        if want is None:
+            return
+        model = slot.pinned.get(want)
+        if model is None:
+            try:
+                model = await self._load(slot, want)
+            except ServiceError:
+                return  # reported by _load; shadowing waits for a loadable candidate
+        slot.shadow = model
+        self.metrics.set_stage(slot.name, model.version_str, model.stage)
+
+    def shadow_of(self, name: str) -> LoadedModel | None:
+        slot = self.slots.get(name)
+        return None if slot is None else slot.shadow
 
     # -- resolving -------------------------------------------------------------------
     def _slot(self, name: str) -> ModelSlot:

@@ -56,6 +56,7 @@ class InferPlan:
         "heads",
         "regions",
         "group",
+        "valid_time",
     )
 
     def __init__(
@@ -95,6 +96,7 @@ class InferPlan:
         self.state, self.forcings = state, forcings
         self.extra, self.degraded = request_parameters(header)
         self.group = group_of(header.parameters, model.name)
+        self.valid_time = valid_time_of(header.parameters)
         self.factor = time_scale_for(model, header.parameters, self.extra, max_dt_ratio)
         self.output = next((o for o in header.outputs if o.name == "correction"), None)
         self.want = DATATYPES[state.datatype]
@@ -281,6 +283,24 @@ def group_of(params: dict, model_name: str) -> tuple[str, int] | None:
             "bad_request",
         )
     return group, size
+
+
+def valid_time_of(params: dict) -> str | None:
+    """The request's ``valid_time`` (the time of the states sent: a number in the
+    host's time axis or an ISO 8601 time), kept only to record samples for
+    ``mecs monitor``; None when not sent."""
+    value = params.get("valid_time")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise reject(
+            f"parameter 'valid_time' must be a number or an ISO 8601 time, got {value!r}",
+            "bad_request",
+        )
+    text = str(value)
+    if not 0 < len(text) <= 64 or (isinstance(value, float) and not math.isfinite(value)):
+        raise reject(f"parameter 'valid_time' {text[:70]!r} is not a time", "bad_request")
+    return text
 
 
 #: the most callers one timestep group may declare

@@ -275,6 +275,12 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
     else:  # a large JSON answer is encoded in slices, letting other requests run between
         header = _response_header(plan, model, result.batch_size, ood, n_ood, n_capped)
         parts, headers = [await _json_in_slices(header, corr)], {"Content-Type": "application/json"}
+    if state.shadow is not None and version is None:
+        candidate = state.repository.shadow_of(model.name)
+        if candidate is not None and candidate is not model:
+            state.shadow.offer(candidate, x, f, result.correction)
+    if state.recorder is not None:
+        state.recorder.offer(model, x, result.correction, plan.valid_time, ood)
     model.served.inc()
     model.samples.inc(n)
     if n_ood:
