@@ -299,6 +299,8 @@ def test_the_whole_chain_on_a_centre_shaped_archive(tmp_path, capsys, start_serv
             server.url,
             "--model",
             "centre",
+            "--version",
+            "4",
             "--out",
             str(hind),
             "--no-progress",
@@ -336,3 +338,66 @@ def test_the_whole_chain_on_a_centre_shaped_archive(tmp_path, capsys, start_serv
                 f"ratio {ratio[j]:.3f}"
             )
         assert np.all(ratio < 1.0), (f, ratio)  # every level, at the longest lead (12 h)
+    _gate_on_the_archive(tmp_path, repo, inc, analyses, test_start, pre, capsys)
+
+
+def _gate_on_the_archive(tmp_path, repo, inc, analyses, test_start, pre, capsys):
+    """The promotion gate on the archive, with the process host: a candidate trained on
+    sign-flipped targets is refused against the pretrained production version; with it
+    made production (a rollback to it), the pretrained version wins and is promoted.
+
+    (Shuffled targets would not do here: this archive's model error is a constant
+    tendency, which a network trained on shuffled targets learns as the mean increment:
+    it scored 1.0005 of the pretrained version's RMSE.)"""
+    from correction import stages
+
+    bad = _negated_targets(inc, tmp_path / "negated.zarr")
+    _ok(
+        ["pretrain", "--data", str(bad), "--repository", str(repo), "--name", "centre"]
+        + ["--config", str(pre), "--no-progress"],
+        capsys,
+    )
+    assert stages.read(repo, "centre").stages[6] == "candidate"
+    gate = ["promote", "--repository", str(repo), "--name", "centre", "--data", analyses]
+    gate += ["--host", HOST, "--since", test_start, "--intervals", "2", "--init-every", "2"]
+    gate += ["--free-run", "8"]
+    assert main([*gate, "--version", "6", "--out", str(tmp_path / "refused.json")]) == 3
+    refused = json.loads((tmp_path / "refused.json").read_text())["scores"]
+    print(capsys.readouterr().out)
+    assert refused["ratio"] > 1.02 and set(refused["fields"]) == {*FIELDS, "ps"}
+    assert stages.read(repo, "centre").production([1, 2, 3, 4, 5, 6]) == 1
+    rollback = ["promote", "--repository", str(repo), "--name", "centre", "--rollback"]
+    assert main([*rollback, "--version", "6", "--reason", "test: a bad production"]) == 0
+    assert main([*gate, "--version", "1", "--out", str(tmp_path / "promoted.json")]) == 0
+    promoted = json.loads((tmp_path / "promoted.json").read_text())["scores"]
+    print(capsys.readouterr().out)
+    assert promoted["ratio"] < 0.99
+    book = stages.read(repo, "centre")
+    assert book.production([1, 2, 3, 4, 5, 6]) == 1 and book.stages[6] == "retired"
+    decisions = [(r["version"], r["decision"]) for r in book.records]
+    assert decisions[-3:] == [(6, "refused"), (6, "rollback"), (1, "promoted")]
+    print(
+        f"table: byom gate: sign-flipped candidate ratio {refused['ratio']:.3f} (refused); "
+        f"pretrained against it {promoted['ratio']:.3f} (promoted)"
+    )
+
+
+def _negated_targets(store, out):
+    """A copy of an increment store with increments and targets of the opposite sign (and
+    their statistics to match): a network trained on it adds the model error twice."""
+    from correction.storage import open_zarr, write_zarr
+    from data_pipeline.increments.base import MARKER
+
+    ds = open_zarr(store).load()
+    for v in [v for v in ds.data_vars if v.startswith(("target_", "increment_"))]:
+        ds[v].values[...] = -ds[v].values
+    ds.attrs["content_hash"] = "negated-" + str(ds.attrs.get("content_hash"))
+    write_zarr(ds, out)
+    stats = json.loads((store / "stats.json").read_text())
+    for entry in stats["fields"].values():
+        for role in ("increment", "target"):
+            mean = entry[role]["mean"]  # per level, or one number for a surface field
+            entry[role]["mean"] = [-m for m in mean] if isinstance(mean, list) else -mean
+    (out / "stats.json").write_text(json.dumps(stats))
+    (out / MARKER).write_text(ds.attrs["content_hash"])
+    return out

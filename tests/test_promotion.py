@@ -107,6 +107,10 @@ def test_a_worse_candidate_is_refused_a_better_one_promoted(gated, tiny_synth, t
     book = stages.read(repo, "l96")
     assert book.production([1, 2, 3]) == 2 and book.stages[3] == "candidate"
     assert book.records[-1]["decision"] == "refused" and book.records[-1]["scores"]["ratio"] > 1
+    print(
+        f"table: l96 gate: trained v2 against shuffled v1 {doc['scores']['ratio']:.3f} "
+        f"(promoted); shuffled v3 against v2 {book.records[-1]['scores']['ratio']:.3f} (refused)"
+    )
 
     # rollback: the production before the current one, unscored, recorded
     assert main(["promote", "--repository", str(repo), "--name", "l96", "--rollback"]) == 0
@@ -196,6 +200,7 @@ def test_service_serves_production_names_stages_and_swaps_under_40_callers(start
     assert not errors, errors[:3]
     calls = [c for s in seen for c in s]
     assert len(calls) > 4 * n
+    print(f"table: stages under {n} callers: {len(calls)} calls, {len(errors)} failed")
     # the default answer is the production version; a call that was in flight across
     # a swap names the stage its version has when it is answered (just retired)
     named = {(v, st) for v, st, _ in calls}
