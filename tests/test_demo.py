@@ -50,7 +50,7 @@ def test_quick_demo_end_to_end(tmp_path):
         text=True,
         timeout=300,
     )
-    assert again.returncode == 0 and again.stdout.count("reusing") == 8
+    assert again.returncode == 0 and again.stdout.count("reusing") == 9
 
 
 @pytest.mark.slow  # 50 s on 2 cores; test_qg_chain runs the same stages on QG in CI

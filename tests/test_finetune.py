@@ -7,7 +7,7 @@ import pytest
 import torch
 from support import make_l96_model
 
-from correction import artifacts
+from correction import artifacts, stages
 from correction.corrections import NetworkCorrection
 from correction.emulator import Emulator
 from correction.hosts import BlackBoxHost, HostGradientError, Lorenz96
@@ -181,7 +181,10 @@ def test_finetune_publishes_version_with_lineage(repository, analyses, emulator_
     assert recomputed == pytest.approx(config["metrics"]["val_loss_a_posteriori"], rel=1e-6)
     best = min(h["val_loss"] for h in config["training"]["history"])
     assert config["metrics"]["val_loss_a_posteriori"] == pytest.approx(best, rel=1e-12)
-    assert Corrector.load(repository, "l96").version == 2
+    # published as a candidate: production (what is served) stays version 1 until
+    # mecs promote passes it
+    assert stages.read(repository, "l96").stages == {1: "production", 2: "candidate"}
+    assert Corrector.load(repository, "l96").version == 1
 
 
 def test_curriculum_and_config_validation():

@@ -310,7 +310,13 @@ def test_no_pickle_or_path_is_ever_loaded(client):
 def test_repository_index_load_unload_and_pin(client, l96_repository):
     x = states(2)
     assert client.get("/v2/repository/index").json() == [
-        {"name": "l96", "version": "1", "state": "READY", "reason": "default"}
+        {
+            "name": "l96",
+            "version": "1",
+            "state": "READY",
+            "reason": "default",
+            "stage": "production",
+        }
     ]
     assert client.post("/v2/repository/index", json={"ready": True}).status_code == 200
     assert client.post("/v2/repository/models/l96/unload").json()["unloaded"] is True

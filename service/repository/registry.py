@@ -374,7 +374,7 @@ class ModelRepository:
         return out
 
     async def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Admin load: (re)scan ``name``; pin ``version`` as default, or follow the newest."""
+        """Admin load: (re)scan ``name``; pin ``version`` as default, or follow production."""
         artifacts.check_name(name)
         versions = await self.versions(name)
         if not versions:
@@ -383,7 +383,16 @@ class ModelRepository:
             raise ServiceError(404, f"model '{name}' has no version {version} (have {versions})")
         async with self._lock:
             slot = self.slots.setdefault(name, ModelSlot(name))
-            target = version if version is not None else versions[-1]
+            if version is not None:
+                target = version
+            else:  # follow production (the newest of an ungated model), never a candidate
+                try:
+                    book = await asyncio.to_thread(stages.read, self.root, name)
+                except stages.StageError as err:
+                    raise ServiceError(503, f"model '{name}': {err}") from None
+                target = book.production(versions)
+                if target is None:
+                    raise ServiceError(404, f"model '{name}' has no production version")
             slot.failed.pop(target, None)  # an explicit load always tries again
             slot.failed_at.pop(target, None)
             if slot.default is None or slot.default.version != target:
