@@ -511,6 +511,34 @@ def test_every_repeats_and_stops_on_sigterm(tmp_path):
 K8S = ROOT / "deploy" / "k8s"
 
 
+def test_gated_runs_the_gate_after_a_successful_training_and_takes_a_refusal_as_done():
+    gated = ROOT / "deploy" / "bin" / "mecs-gated"
+    assert os.access(gated, os.X_OK), "deploy/bin/mecs-gated must be executable (git mode 755)"
+
+    def run(*argv):
+        return subprocess.run([str(gated), *argv], capture_output=True, text=True)
+
+    both = run("echo", "trained", "--", "sh", "-c", 'echo gate "$0" "$1"', "a", "b")
+    assert both.returncode == 0 and both.stdout.split("\n")[:2] == ["trained", "gate a b"]
+    refused = run("true", "--", "sh", "-c", "exit 3")  # mecs promote refused: a normal run
+    assert refused.returncode == 0 and "refused" in refused.stderr
+    failed = run("sh", "-c", "exit 5", "--", "sh", "-c", "echo never")
+    assert failed.returncode == 5 and "never" not in failed.stdout
+    assert run("true", "--", "sh", "-c", "exit 2").returncode == 2  # a broken gate is an error
+    assert run("true").returncode == 2  # no "--": usage
+    # the trainer's command: fine-tune, then mecs promote with the gate's settings
+    trainer = compose()["services"]["trainer"]
+    assert trainer["entrypoint"][:3] == [
+        "mecs-every",
+        "${MECS_TRAIN_INTERVAL_S:-0.0}",
+        "mecs-gated",
+    ]
+    cmd = trainer["command"]
+    gate = cmd[cmd.index("--") + 1 :]
+    assert cmd[0] == "finetune" and gate[:2] == ["mecs", "promote"]
+    assert "${MECS_PROMOTE_MARGIN:-0.01}" in gate
+
+
 def test_training_roles_run_under_torchrun_with_the_process_count_from_settings():
     services = compose()["services"]
     for name in ("pretrain", "emulator", "trainer"):
