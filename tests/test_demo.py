@@ -35,6 +35,16 @@ def test_quick_demo_end_to_end(tmp_path):
     assert book["records"][-1]["decision"] == gate["decision"]
     assert "## Promotion gate" in report and f"**{gate['decision']}**" in report
     served = 2 if gate["decision"] == "promoted" else 1
+    # live monitoring: every cycle start matched, the served correction removes the share
+    # of the increment the validation split predicts, and the monitored period offline
+    mon = json.loads((out / "monitoring.json").read_text())
+    got = mon["versions"][str(served)]["fields"]["X"]["increment_reduction"]
+    want = mon["predicted"]["fields"]["X"]
+    assert mon["samples"] - mon["unmatched"] == mon["versions"][str(served)]["scored"] > 100
+    assert got > 0.1 and abs(got - want["increment_reduction"]) <= want["spread"], (got, want)
+    same = mon["predicted"]["same_period_offline"]["X"]["increment_reduction"]
+    assert got == pytest.approx(same, abs=1e-3)  # the served path reproduces offline
+    assert "## Live skill monitoring" in report
     # the coupled forecasts went through the HTTP service, answered by production
     service = json.loads((out / "forecasts" / "service.json").read_text())
     assert service["single"]["served_versions"] == [served]
