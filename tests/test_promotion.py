@@ -157,6 +157,8 @@ def test_service_serves_production_names_stages_and_swaps_under_40_callers(start
     with CorrectionClient(server.url, "l96", version=2) as pinned:
         res = pinned.infer(x)
         assert (res.model_version, res.parameters["model_stage"]) == (2, "candidate")
+        meta = pinned.metadata()["parameters"]
+        assert meta["stage"] == "candidate" and meta["promotions"] == []
     n, stop, errors = 40, threading.Event(), []
     seen: list[list[tuple[int, str]]] = [[] for _ in range(n)]
     phase = ["candidate"]  # what v2 is while a call is made
@@ -190,6 +192,10 @@ def test_service_serves_production_names_stages_and_swaps_under_40_callers(start
         book.records.append(stages.record(2, "promoted", before))
     phase[0] = "promoted"
     wait_for(2, "production")
+    with CorrectionClient(server.url, "l96") as c:  # the lineage: the promotion record
+        meta = c.metadata()["parameters"]
+        assert meta["stage"] == "production" and meta["promotions"][-1]["decision"] == "promoted"
+        assert meta["promotions"][-1]["previous_production"] == 1
     assert main(["promote", "--repository", str(repo), "--name", "l96", "--rollback"]) == 0
     phase[0] = "rolled back"
     wait_for(1, "production")

@@ -63,11 +63,17 @@ for _path, _endpoint in (
 async def _metadata(request: Request, name: str, version: str | None) -> dict:
     repo = request.app.state.mecs.repository
     model = await repo.get(name, parse_version(version))
-    return render_metadata(model, await repo.versions(name))
+    slot = repo.slots.get(name)
+    book = slot.book if slot is not None else None
+    records = [r for r in (book.records if book else []) if r.get("version") == model.version]
+    return render_metadata(model, await repo.versions(name), records)
 
 
-def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
-    """Open Inference Protocol model metadata, plus the model's variables and provenance."""
+def render_metadata(
+    model: LoadedModel, versions: list[int], records: list[dict] | None = None
+) -> dict[str, Any]:
+    """Open Inference Protocol model metadata, plus the model's variables and provenance
+    (its parent, its stage and its promotion records: the version's lineage)."""
     layout = model.corrector.layout
     dt = DTYPE_NAMES[model.dtype]
     shape = [-1, *model.state_shape]
@@ -104,7 +110,16 @@ def render_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
             "runtime": model.runtime.name,
             "training_mode": (config.get("training") or {}).get("mode"),
             "published_at": config.get("published_at"),
-            "parent_version": config.get("parent_version"),
+            "parent_version": (config.get("parent") or {}).get("version"),
+            "promotions": [
+                {
+                    k: r.get(k)
+                    for k in ("decision", "previous_production", "by", "at", "reason")
+                    if r.get(k) is not None
+                }
+                | ({"ratio": r["scores"]["ratio"]} if "scores" in r else {})
+                for r in records or []
+            ],
             "metrics": config.get("metrics"),
             "correction_cap_std": model.forward.guard.cap_std,
             "ood_threshold_std": model.forward.guard.ood_threshold_std,
