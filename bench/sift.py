@@ -165,13 +165,24 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--floor", type=float, default=0.25)
     p.add_argument("--out", default=str(RESULTS / "sift.json"))
+    p.add_argument(
+        "--only-qg", action="store_true", help="measure the QG store alone (no l96 store)"
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine reports of runs made side by side (one seed each) into --out",
+    )
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     torch.set_num_threads(1)
     base = {"max_epochs": args.max_epochs, "sift_pool": args.pool, "sift_floor": args.floor}
-    synth, inc, _ = prepare(args.preset, args.analysis)
-    stores: list[tuple[str, Path, Benchmark | None, dict]] = [
-        (f"{args.preset}-{args.analysis}", inc, Benchmark.open(synth), base)
-    ]
+    stores: list[tuple[str, Path, Benchmark | None, dict]] = []
+    if not args.only_qg:
+        synth, inc, _ = prepare(args.preset, args.analysis)
+        stores.append((f"{args.preset}-{args.analysis}", inc, Benchmark.open(synth), base))
     if args.qg_years:
         args.qg_store = str(qg_store(args.qg_years, args.qg_truth_spinup))
     if args.qg_store:
@@ -179,7 +190,8 @@ def main() -> None:
         stores.append(("qg-eddy", Path(args.qg_store), None, qg_base))
     report: dict = {"settings": vars(args), "stores": {}}
     for name, store, bench, cfg in stores:
-        repo = DATA / f"models-sift-{name}"
+        # one repository per seed list: runs of other seeds may go on beside this one
+        repo = DATA / f"models-sift-{name}-seeds{'-'.join(map(str, args.seeds))}"
         shutil.rmtree(repo, ignore_errors=True)
         runs = []
         for seed in args.seeds:
@@ -197,6 +209,24 @@ def main() -> None:
             "runs": runs,
             "summary": store_summary(runs, bench is not None),
         }
+    finish(report, args.out)
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One report from several (the same stores, other seeds), summaries recomputed."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    report: dict = {"settings": {"merged": paths, **parts[0]["settings"]}, "stores": {}}
+    for part in parts:
+        for name, st in part["stores"].items():
+            entry = report["stores"].setdefault(name, {"settings": st["settings"], "runs": []})
+            entry["runs"] += st["runs"]
+    for st in report["stores"].values():
+        st["runs"].sort(key=lambda r: r["seed"])
+        st["summary"] = store_summary(st["runs"], "valid_time" in st["runs"][0])
+    finish(report, str(out))
+
+
+def finish(report: dict, out: str) -> None:
     every = all(s["summary"]["meets_the_rule"] for s in report["stores"].values())
     report["decision"] = (
         "SIFT meets the rule on every store measured"
@@ -204,7 +234,7 @@ def main() -> None:
         else "SIFT stays an option: the rule (<= 70 % of the steps and <= 85 % of the wall "
         "time to the uniform best, skill no worse) is not met on every store"
     )
-    path = write("sift", report) if args.out == str(RESULTS / "sift.json") else Path(args.out)
+    path = write("sift", report) if out == str(RESULTS / "sift.json") else Path(out)
     if path != RESULTS / "sift.json":
         path.write_text(json.dumps(report, indent=1) + "\n")
     path.with_suffix(".md").write_text(table(report))
