@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,11 +55,28 @@ def reach(history: list[dict], target: float) -> dict:
     return {"epoch": None, "steps": None, "train_wall": None}
 
 
-def one_seed(store: Path, repo: Path, seed: int, base: dict, bench: Benchmark | None) -> dict:
+def one_seed(
+    store: Path,
+    repo: Path,
+    seed: int,
+    base: dict,
+    bench: Benchmark | None,
+    sift_epochs: int | None = None,
+    uniform_prev: dict | None = None,
+) -> dict:
+    """Uniform and SIFT runs of one seed. ``sift_epochs``: SIFT's epoch budget (a pool
+    of ``sift_pool`` batches makes one step, so ``sift_pool`` times the epochs gives
+    both the same backprop steps); ``uniform_prev``: this seed's uniform run from an
+    earlier report (same store and settings), reused instead of trained again."""
     out: dict = {"seed": seed}
     models = {}
     for sampling in ("uniform", "sift"):
-        cfg = PretrainConfig.from_dict({**base, "seed": seed, "sampling": sampling})
+        if sampling == "uniform" and uniform_prev is not None:
+            out["uniform"] = uniform_prev
+            models["uniform"] = SimpleNamespace(history=uniform_prev["history"])
+            continue
+        extra = {"max_epochs": sift_epochs} if sampling == "sift" and sift_epochs else {}
+        cfg = PretrainConfig.from_dict({**base, "seed": seed, "sampling": sampling, **extra})
         t = time.perf_counter()
         res = pretrain(store, repo, f"{sampling}-seed{seed}", cfg, progress=False)
         out[sampling] = {
@@ -95,7 +113,6 @@ def one_seed(store: Path, repo: Path, seed: int, base: dict, bench: Benchmark | 
 
 def qg_store(years: float, truth_spinup: float) -> Path:
     """A qg-eddy increment store of ``years`` stored years, built once and cached."""
-    from types import SimpleNamespace
 
     from bench.qg import prepare as prepare_qg
     from data_pipeline.qg import HOURS_PER_YEAR
@@ -169,6 +186,13 @@ def main() -> None:
         "--only-qg", action="store_true", help="measure the QG store alone (no l96 store)"
     )
     p.add_argument(
+        "--sift-epochs-factor",
+        type=int,
+        default=1,
+        help="SIFT's epochs = max_epochs times this (sift_pool: the same backprop steps)",
+    )
+    p.add_argument("--uniform-from", help="reuse the uniform runs of this earlier report")
+    p.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -194,8 +218,20 @@ def main() -> None:
         repo = DATA / f"models-sift-{name}-seeds{'-'.join(map(str, args.seeds))}"
         shutil.rmtree(repo, ignore_errors=True)
         runs = []
+        prev = {}
+        if args.uniform_from:
+            earlier = json.loads(Path(args.uniform_from).read_text())["stores"].get(name, {})
+            prev = {r["seed"]: r["uniform"] for r in earlier.get("runs", [])}
         for seed in args.seeds:
-            r = one_seed(store, repo, seed, cfg, bench)
+            r = one_seed(
+                store,
+                repo,
+                seed,
+                cfg,
+                bench,
+                sift_epochs=args.max_epochs * args.sift_epochs_factor,
+                uniform_prev=prev.get(seed),
+            )
             print(
                 f"{name} seed {seed}: uniform best {r['uniform']['best_val_loss']:.4f} "
                 f"({r['uniform']['to_uniform_best']['steps']} steps), SIFT best "
