@@ -210,7 +210,7 @@ def score(
     for label, r in runs.items():
         if isinstance(r, str) and label != "none":
             raise GateError(f"the {label} hindcasts left the finite numbers: {r}")
-    scored = [f for f in layout.fields]
+    scored = list(layout.fields)
     cand = verify(runs["candidate"], analyses, scored, reference=runs["production"])
     out = {
         "held_out_start": str(times[first]) if first < len(times) else None,
@@ -226,33 +226,23 @@ def score(
     else:
         none = None
     rows = [v - 1 for v in rule.scored_leads]
+
+    def at_leads(values) -> np.ndarray:  # [lead][level] -> the rule's leads x levels
+        return np.array(values, dtype=float).reshape(len(cand["leads"]), -1)[rows]
+
     for f in scored:
         e = cand["fields"][f]
-        ratio = np.array(e["rmse_vs_reference"], dtype=float).reshape(len(cand["leads"]), -1)
+        ratio = at_leads(e["rmse_vs_reference"])
         entry = {
-            "ratio_by_lead": ratio[rows].mean(axis=1).tolist(),
-            "ratio": float(np.nanmean(ratio[rows])),
-            "candidate_rmse": np.array(e["rmse"], float)
-            .reshape(len(cand["leads"]), -1)[rows]
-            .mean(axis=1)
-            .tolist(),
-            "production_rmse": np.array(e["reference_rmse"], float)
-            .reshape(len(cand["leads"]), -1)[rows]
-            .mean(axis=1)
-            .tolist(),
-            "candidate_acc": np.array(e["acc"], float)
-            .reshape(len(cand["leads"]), -1)[rows]
-            .mean(axis=1)
-            .tolist(),
+            "ratio_by_lead": ratio.mean(axis=1).tolist(),
+            "ratio": float(np.nanmean(ratio)),
+            "candidate_rmse": at_leads(e["rmse"]).mean(axis=1).tolist(),
+            "production_rmse": at_leads(e["reference_rmse"]).mean(axis=1).tolist(),
+            "candidate_acc": at_leads(e["acc"]).mean(axis=1).tolist(),
             "units": e["units"],
         }
         if none is not None:
-            entry["none_rmse"] = (
-                np.array(none["fields"][f]["rmse"], float)
-                .reshape(len(cand["leads"]), -1)[rows]
-                .mean(axis=1)
-                .tolist()
-            )
+            entry["none_rmse"] = at_leads(none["fields"][f]["rmse"]).mean(axis=1).tolist()
         out["fields"][f] = entry
     out["ratio"] = float(np.mean([e["ratio"] for e in out["fields"].values()]))
     return out
@@ -299,22 +289,19 @@ def decide(scores: dict[str, Any], rule: GateRule) -> tuple[bool, list[str]]:
                 f"field {f}: RMSE ratio {e['ratio']:.4f} > {1 + rule.tolerance:.4f} "
                 f"(tolerance {rule.tolerance:g})"
             )
-    for label in ("candidate",):
-        fr = scores["free_run"].get(label)
-        if fr is None:
-            continue
-        if not fr["finite"]:
-            ok = False
-            reasons.append(f"free run of the {label}: {fr['error']}")
-        elif fr["max_std"] > rule.bound_std:
-            ok = False
-            reasons.append(
-                f"free run of the {label} strays {fr['max_std']:.1f} climatological std from "
-                f"the analyses' mean (bound {rule.bound_std:g})"
-            )
-        else:
-            reasons.append(
-                f"free run of the {label} bounded ({fr['max_std']:.1f} <= {rule.bound_std:g} std "
-                f"over {fr['steps']} steps)"
-            )
+    fr = scores["free_run"].get("candidate")
+    if fr is not None and not fr["finite"]:
+        ok = False
+        reasons.append(f"free run of the candidate: {fr['error']}")
+    elif fr is not None and fr["max_std"] > rule.bound_std:
+        ok = False
+        reasons.append(
+            f"free run of the candidate strays {fr['max_std']:.1f} climatological std from "
+            f"the analyses' mean (bound {rule.bound_std:g})"
+        )
+    elif fr is not None:
+        reasons.append(
+            f"free run of the candidate bounded ({fr['max_std']:.1f} <= {rule.bound_std:g} std "
+            f"over {fr['steps']} steps)"
+        )
     return bool(ok), reasons

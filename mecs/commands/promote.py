@@ -19,15 +19,16 @@ from ._common import add_host_options, make_named_host
 
 EXIT_REFUSED = 3
 
+# command-line flag -> GateRule field
 _RULE_FLAGS = {
-    "intervals": int,
-    "leads": None,
-    "margin": float,
-    "tolerance": float,
+    "intervals": "intervals",
+    "leads": "leads",
+    "margin": "margin",
+    "tolerance": "tolerance",
     "free_run": "free_run_intervals",
-    "bound_std": float,
-    "init_every": int,
-    "max_inits": int,
+    "bound_std": "bound_std",
+    "init_every": "init_every",
+    "max_inits": "max_inits",
 }
 
 
@@ -41,11 +42,10 @@ def _rule(args):
             values.update(read_settings_file(args.rule))
         except SettingsFileError as err:
             raise UsageError(f"mecs promote: --rule: {err}") from None
-    for flag in _RULE_FLAGS:
+    for flag, key in _RULE_FLAGS.items():
         v = getattr(args, flag, None)
         if v is None:
             continue
-        key = _RULE_FLAGS[flag] if isinstance(_RULE_FLAGS[flag], str) else flag
         if flag == "leads":
             try:
                 v = [int(x) for x in str(v).split(",") if x.strip()]
