@@ -8,11 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from bench.promotion import shuffled_targets  # the bench's deliberately worse candidate
 from correction import artifacts, stages
 from correction.inference import Corrector
-from correction.storage import open_zarr, write_zarr
 from correction.training.pretrain import PretrainConfig, pretrain
-from data_pipeline.increments.base import MARKER
 from mecs.cli import main
 
 TRAIN = {
@@ -23,25 +22,6 @@ TRAIN = {
     "early_stopping": 20,
     "seed": 0,
 }
-
-
-def shuffled_targets(store, out):
-    """A copy of an increment store whose targets are permuted across samples: a model
-    trained on it learns the mean increment, not the state-dependent error."""
-    ds = open_zarr(store).load()
-    rng = np.random.default_rng(0)
-    split = ds["split"].values
-    perm = np.arange(ds.sizes["sample"])
-    for name in np.unique(split):  # within each split: its statistics stay the store's
-        idx = np.flatnonzero(split == name)
-        perm[idx] = rng.permutation(idx)
-    for v in [v for v in ds.data_vars if v.startswith(("target_", "increment_"))]:
-        ds[v].values[...] = ds[v].values[perm]
-    ds.attrs["content_hash"] = "shuffled-" + str(ds.attrs.get("content_hash"))
-    write_zarr(ds, out)
-    (out / "stats.json").write_bytes((store / "stats.json").read_bytes())
-    (out / MARKER).write_text(ds.attrs["content_hash"])  # complete, under its own hash
-    return out
 
 
 @pytest.fixture(scope="module")
