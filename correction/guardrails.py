@@ -13,13 +13,30 @@ the same numbers):
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .corrections import Correction
 from .inference import Corrector
 from .runtime import build_runtime, model_dtype
+
+
+class Guarded(NamedTuple):
+    """One guarded forward: what :meth:`GuardedCorrector.run` returns.
+
+    ``finite`` is True when the cap's min/max pass already showed every value of the
+    correction finite (a NaN makes ``min`` NaN), so the service need not check again;
+    None when nothing was learned (no cap). ``into`` is True when the correction is
+    the ``out`` array the caller passed.
+    """
+
+    correction: np.ndarray
+    out_of_distribution: np.ndarray
+    capped: np.ndarray
+    finite: bool | None = None
+    into: bool = False
 
 
 class Guardrails:
@@ -51,23 +68,36 @@ class Guardrails:
         self, state: np.ndarray, corr: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(capped correction, OOD flag per sample, number of capped values per sample)``."""
+        return self.check(state, corr)[:3]
+
+    def check(
+        self,
+        state: np.ndarray,
+        corr: np.ndarray,
+        state_bounds: tuple[float, float] | None = None,
+    ) -> Guarded:
+        """:meth:`apply` with what its passes learned. ``state_bounds``: the state's
+        min and max when the caller has them (the service's input check computes
+        them), so the OOD fast path does not pass over the state again. The cap
+        clips ``corr`` in place."""
         n = state.shape[0]
         ood = np.zeros(n, dtype=bool)
-        if self.ood_threshold_std and not (
-            state.min() >= self.in_lo_fast and state.max() <= self.in_hi_fast
-        ):
-            ood = self.corrector.out_of_distribution(state, self.ood_threshold_std)
+        if self.ood_threshold_std:
+            lo, hi = state_bounds if state_bounds is not None else (state.min(), state.max())
+            if not (lo >= self.in_lo_fast and hi <= self.in_hi_fast):
+                ood = self.corrector.out_of_distribution(state, self.ood_threshold_std)
         capped = np.zeros(n, dtype=np.int64)
-        if self.cap_std is not None and not (
-            corr.min() >= self.lo_fast and corr.max() <= self.hi_fast
-        ):
-            packed = corr.reshape(n, self.channels, -1)
-            out = (packed < self.lo) | (packed > self.hi)
-            if out.any():
-                capped = out.reshape(n, -1).sum(axis=1)
-                packed = np.clip(packed, self.lo, self.hi).astype(corr.dtype)
-                corr = packed.reshape(corr.shape)
-        return corr, ood, capped
+        finite = None
+        if self.cap_std is not None:
+            cmin, cmax = corr.min(), corr.max()
+            finite = math.isfinite(cmin) and math.isfinite(cmax)
+            if not (cmin >= self.lo_fast and cmax <= self.hi_fast):
+                packed = corr.reshape(n, self.channels, -1)
+                out = (packed < self.lo) | (packed > self.hi)
+                if out.any():
+                    capped = out.reshape(n, -1).sum(axis=1)
+                    np.clip(packed, self.lo, self.hi, out=packed)  # NaN stays NaN
+        return Guarded(corr, ood, capped, finite)
 
 
 class GuardedCorrector:
@@ -112,17 +142,49 @@ class GuardedCorrector:
 
         ``state`` is ``[B, *state_shape]``, contiguous, in :attr:`dtype`.
         """
+        return self.run(state, forcings)[:3]
+
+    def run(
+        self,
+        state: np.ndarray,
+        forcings: np.ndarray | None = None,
+        out: np.ndarray | None = None,
+        state_bounds: tuple[float, float] | None = None,
+    ) -> Guarded:
+        """The guarded forward with what the guardrails learned (:class:`Guarded`).
+
+        ``out`` (``state``'s shape and dtype, contiguous; a caller's shared-memory
+        region) receives the correction: the runtime writes into it where it can
+        (ONNX Runtime's I/O binding) and the cap clips it in place, so a large
+        answer is never copied. ``state_bounds``: see :meth:`Guardrails.check`.
+        """
         n = state.shape[0]
         packed = state.reshape(n, *self.packed)
+        if out is not None and (
+            out.shape != state.shape or out.dtype != self.dtype or not out.flags.c_contiguous
+        ):
+            out = None  # not a buffer this forward can fill: an array of its own
+        y = None if out is None else out.reshape(packed.shape)
+        into = getattr(self.runtime, "run_into", None)
         if self.max_values is None or state.size <= self.max_values:
-            y = self.runtime(packed, forcings)
+            if y is not None and into is not None:
+                into(packed, forcings, y)
+            elif y is not None:
+                y[...] = self.runtime(packed, forcings)
+            else:
+                y = self.runtime(packed, forcings)
         else:  # in pieces: the network's working memory is that of one piece
             per = max(1, self.max_values // max(1, packed[0].size))
-            y = np.empty(packed.shape, dtype=self.dtype)
+            if y is None:
+                y = np.empty(packed.shape, dtype=self.dtype)
             for i in range(0, n, per):
                 f = None if forcings is None else forcings[i : i + per]
-                y[i : i + per] = self.runtime(packed[i : i + per], f)
-        return self.guard.apply(state, y.reshape(state.shape))
+                if into is not None:
+                    into(packed[i : i + per], f, y[i : i + per])
+                else:
+                    y[i : i + per] = self.runtime(packed[i : i + per], f)
+        res = self.guard.check(state, y.reshape(state.shape), state_bounds)
+        return res if out is None else res._replace(correction=out, into=True)
 
 
 class GuardedCorrection(Correction):

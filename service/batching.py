@@ -93,14 +93,19 @@ class BatchResult:
     capped: np.ndarray
     batch_size: int
     forward_s: float = 0.0
+    #: the forward showed every value finite (None: not checked there)
+    finite: bool | None = None
+    #: the correction is the request's own ``out`` buffer, already filled
+    into: bool = False
 
 
 class _Item:
-    __slots__ = ("state", "forcings", "future", "t", "group")
+    __slots__ = ("state", "forcings", "future", "t", "group", "out", "bounds")
 
-    def __init__(self, state, forcings, future, t, group=None):
+    def __init__(self, state, forcings, future, t, group=None, out=None, bounds=None):
         self.state, self.forcings, self.future, self.t = state, forcings, future, t
         self.group = group
+        self.out, self.bounds = out, bounds
 
 
 class _Group:
@@ -166,10 +171,15 @@ class Batcher:
         forcings: np.ndarray | None = None,
         ticket: Ticket | None = None,
         group: tuple[str, int] | None = None,
+        out: np.ndarray | None = None,
+        bounds: tuple[float, float] | None = None,
     ) -> BatchResult:
         """Queue ``state`` (``[b, *shape]`` in the model dtype); resolve with its slice.
 
-        ``group`` is ``(name, size)`` for a request of a timestep group.
+        ``group`` is ``(name, size)`` for a request of a timestep group. ``out``: a
+        buffer for the correction (a shared-memory region), filled when the request
+        runs as a batch of its own; ``bounds``: the state's min and max, known from
+        the input check. Both go to the compute function only when given.
         """
         n = state.shape[0]
         if ticket is not None:
@@ -182,13 +192,11 @@ class Batcher:
             )
         loop = self._loop = asyncio.get_running_loop()
         if self.max_size <= 1:  # micro-batching off: every request is its own batch
-            item = _Item(state, forcings, None, time.perf_counter())
+            item = _Item(state, forcings, None, time.perf_counter(), None, out, bounds)
             if state.size <= self.inline_max_values:
                 return self._run_now([item])
-            out, dt = await loop.run_in_executor(
-                self.executor, self._timed_compute, state, forcings
-            )
-            return self._deliver([item], out, dt, n)
+            res, dt = await loop.run_in_executor(self.executor, self._timed_compute, [item])
+            return self._deliver([item], res, dt, n)
         future = loop.create_future()
         key = None
         if group is not None:
@@ -205,7 +213,7 @@ class Batcher:
             if g.arrived >= g.size:  # the whole group is here (or has been sent already)
                 g.arrived = 0
                 self.flush = True
-        self.items.append(_Item(state, forcings, future, time.perf_counter(), key))
+        self.items.append(_Item(state, forcings, future, time.perf_counter(), key, out, bounds))
         self.samples += n
         self.wake()
         return await future
@@ -281,24 +289,32 @@ class Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _stack(self, batch: list[_Item]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _timed_compute(self, batch: list[_Item]) -> tuple[Any, float]:
+        """The batch stacked and computed: ``out`` and ``bounds`` go to the compute
+        function when the batch is one request that has them (bounds also when every
+        request of a larger batch has them)."""
+        first = batch[0]
         if len(batch) == 1:
-            return batch[0].state, batch[0].forcings
-        state = np.concatenate([it.state for it in batch])
-        forcings = None
-        if batch[0].forcings is not None:
-            forcings = np.concatenate([it.forcings for it in batch])
-        return state, forcings
-
-    def _timed_compute(self, state, forcings) -> tuple[Any, float]:
+            state, forcings, out, bounds = first.state, first.forcings, first.out, first.bounds
+        else:
+            state = np.concatenate([it.state for it in batch])
+            forcings = None
+            if first.forcings is not None:
+                forcings = np.concatenate([it.forcings for it in batch])
+            out = None
+            bounds = None
+            if all(it.bounds is not None for it in batch):
+                bounds = (min(it.bounds[0] for it in batch), max(it.bounds[1] for it in batch))
         t = time.perf_counter()
-        out = self.compute(state, forcings)
-        return out, time.perf_counter() - t
+        if out is None and bounds is None:
+            res = self.compute(state, forcings)
+        else:
+            res = self.compute(state, forcings, out, bounds)
+        return res, time.perf_counter() - t
 
     def _run_now(self, batch: list[_Item]) -> BatchResult | None:
-        state, forcings = self._stack(batch)
         try:
-            out, dt = self._timed_compute(state, forcings)
+            res, dt = self._timed_compute(batch)
         except Exception as err:  # every waiting request learns it, none is lost
             if batch[0].future is None:
                 raise
@@ -306,33 +322,37 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(err)
             return None
-        return self._deliver(batch, out, dt, state.shape[0])
+        return self._deliver(batch, res, dt, sum(it.state.shape[0] for it in batch))
 
     async def _run_in_thread(self, batch: list[_Item]) -> None:
-        state, forcings = self._stack(batch)
         try:
-            out, dt = await self._loop.run_in_executor(
-                self.executor, self._timed_compute, state, forcings
-            )
+            res, dt = await self._loop.run_in_executor(self.executor, self._timed_compute, batch)
         except Exception as err:
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(err)
             return
-        self._deliver(batch, out, dt, state.shape[0])
+        self._deliver(batch, res, dt, sum(it.state.shape[0] for it in batch))
 
-    def _deliver(self, batch, out, dt, total) -> BatchResult | None:
-        corr, ood, capped = out
+    def _deliver(self, batch, res, dt, total) -> BatchResult | None:
+        corr, ood, capped = res[0], res[1], res[2]
+        finite = res[3] if len(res) > 3 else None
+        into = len(res) > 4 and res[4]
         now = time.perf_counter()
         if self.observe is not None:
             self.observe(total, len(batch), dt, [now - it.t for it in batch])
         if batch[0].future is None:  # unbatched fast path: no future, answer directly
-            return BatchResult(corr, ood, capped, total, dt)
+            return BatchResult(corr, ood, capped, total, dt, finite, into)
+        if len(batch) == 1:  # the whole answer is this request's: no slicing
+            it = batch[0]
+            if not it.future.done():
+                it.future.set_result(BatchResult(corr, ood, capped, total, dt, finite, into))
+            return None
         offset = 0
         for it in batch:
             n = it.state.shape[0]
             if not it.future.done():
                 sl = slice(offset, offset + n)
-                it.future.set_result(BatchResult(corr[sl], ood[sl], capped[sl], total, dt))
+                it.future.set_result(BatchResult(corr[sl], ood[sl], capped[sl], total, dt, finite))
             offset += n
         return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +94,31 @@ def test_concurrent_builds_all_get_the_fast_runtime():
         names = list(pool.map(lambda m: rt.build_runtime(m, (1, 36)).name, models))
     assert names == ["onnxruntime"] * 4
     assert warnings.filters == filters  # no filter left behind by a build
+
+
+def test_guarded_run_into_a_buffer_equals_the_plain_call_and_reports_finiteness():
+    """``GuardedCorrector.run(out=)`` fills the caller's buffer (the service's shared-memory
+    path) with exactly the plain call's answer; the cap's min/max pass reports whether
+    every value is finite, so a NaN is still caught."""
+    from correction.artifacts import publish
+    from correction.guardrails import GuardedCorrector
+    from correction.inference import Corrector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        publish(Path(tmp), "l96", *make_l96_model())
+        corr = Corrector.load(Path(tmp), "l96")
+    x = np.random.default_rng(1).normal(2.5, 3.6, (7, 36)).astype(np.float32)
+    for cap in (10.0, 0.05, None):
+        g = GuardedCorrector(corr, cap, 6.0)
+        plain, ood, capped = g(x)
+        buf = np.full_like(x, np.nan)
+        res = g.run(x, out=buf, state_bounds=(float(x.min()), float(x.max())))
+        assert res.into and res.correction is buf
+        np.testing.assert_array_equal(buf, plain)
+        np.testing.assert_array_equal(res.capped, capped)
+        assert res.finite is (None if cap is None else True)
+        assert (capped.sum() > 0) == (cap == 0.05)
+    # a NaN in the network's output: not reported finite, so the service checks it
+    g = GuardedCorrector(corr, 10.0, 6.0)
+    g.runtime = lambda packed, f=None: np.full(packed.shape, np.nan, np.float32)
+    assert g.run(x).finite is False

@@ -184,3 +184,28 @@ def test_idle_regions_expire_and_the_extension_is_off_by_default(l96_repository)
             assert "system_shared_memory" not in c.server_metadata()["extensions"]
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("cap_std", [10.0, 0.05])
+def test_the_forward_writes_into_the_region_and_an_output_over_the_state_is_safe(
+    l96_repository, cap_std
+):
+    """A batch of its own is corrected straight into the caller's region (ONNX Runtime's
+    I/O binding, the cap clipping there); the answer equals the binary body's, also
+    when the output is asked for over the state itself and when values are capped."""
+    settings = service_settings(
+        l96_repository, shared_memory=True, correction_cap_std=cap_std, batch_max_size=4
+    )
+    x = states(6)  # above batch_max_size: a batch of its own, so written in place
+    with ServerThread(settings) as server, CorrectionClient(server.url, "l96") as c:
+        expected = c.infer(x)
+        assert (expected.capped_values > 0) == (cap_std < 1)
+        with SharedMemoryRegion(c, "run", 2 * x.nbytes) as region:
+            region.array(x.shape)[...] = x
+            got = c.infer_in_region(region, x.shape)
+            np.testing.assert_array_equal(got.correction, expected.correction)
+            assert got.capped_values == expected.capped_values
+            np.testing.assert_array_equal(region.array(x.shape), x)  # the state untouched
+            # the correction over the state: computed aside, then copied in
+            got = c.infer_in_region(region, x.shape, output_offset=0)
+            np.testing.assert_array_equal(region.array(x.shape), expected.correction)

@@ -67,7 +67,7 @@ class LoadedModel:
                 queue_wait(w)
 
         self.batcher = Batcher(
-            self.forward,
+            self.forward.run,
             traffic,
             executor,
             max_size=settings.batch_max_size,
@@ -84,8 +84,10 @@ class LoadedModel:
         forcings: np.ndarray | None = None,
         ticket=None,
         group: tuple[str, int] | None = None,
+        out: np.ndarray | None = None,
+        bounds: tuple[float, float] | None = None,
     ) -> BatchResult:
-        return await self.batcher.submit(state, forcings, ticket, group)
+        return await self.batcher.submit(state, forcings, ticket, group, out, bounds)
 
     def set_stage(self, stage: str) -> None:
         """A new stage (a promotion): answers name it from the next request on, so the

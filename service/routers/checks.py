@@ -130,18 +130,19 @@ class InferPlan:
         model: LoadedModel,
         payload: memoryview,
         region: Callable[[TensorSpec, bool], memoryview] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The state (and forcings) of one call, checked, in the model's dtype."""
+    ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
+        """The state (and forcings) of one call, checked, in the model's dtype, and the
+        state's min and max (from its finite check; the guardrails reuse them)."""
         if len(payload) != self.payload_size:
             raise ProtocolError(payload_mismatch(self.payload_size, len(payload)))
         x = _tensor(self.state, payload, region)
-        x = in_model_dtype(model, "state", x)
+        x, bounds = in_model_dtype(model, "state", x, bounds=True)
         if not x.flags.writeable:
             x = x.copy()
         f = None
         if self.forcings is not None:
             f = np.array(in_model_dtype(model, "forcings", _tensor(self.forcings, payload, region)))
-        return x, f
+        return x, f, bounds
 
 
 def _tensor(spec: TensorSpec, payload: memoryview, region) -> np.ndarray:
@@ -180,22 +181,29 @@ def plan_for(
 PLAN_CACHE_SIZE = 256
 
 
-def in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray) -> np.ndarray:
-    """``arr`` as a contiguous array in the model's dtype, every value finite in it.
+def in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray, bounds: bool = False):
+    """``arr`` as a contiguous array in the model's dtype, every value finite in it;
+    with ``bounds``, ``(array, (min, max))``.
 
     The check runs on the cast array, where it matters: an FP64 value above float32's
     largest (3.4e38) is finite in the request but infinite in a float32 model, and
     its correction would come back NaN. Casting first and checking once costs no
-    more than checking the input.
+    more than checking the input. With ``bounds`` the check is the min and the max
+    (a NaN makes both NaN, an Inf one of them infinite): the guardrails' OOD test
+    needs exactly those, so the state is passed over twice in all, not three times.
     """
     if arr.dtype == model.dtype:
         out = np.ascontiguousarray(arr)
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             out = np.ascontiguousarray(arr, dtype=model.dtype)
+    if bounds:
+        lo, hi = out.min(), out.max()
+        if math.isfinite(lo) and math.isfinite(hi):
+            return out, (lo, hi)
     # one pass, no temporary: a NaN or Inf anywhere makes the sum NaN or Inf (a finite
     # array whose sum overflows falls through to the exact check below)
-    if math.isfinite(np.add.reduce(out, axis=None)) or np.isfinite(out).all():
+    elif math.isfinite(np.add.reduce(out, axis=None)) or np.isfinite(out).all():
         return out
     flat = out.reshape(out.shape[0], -1)
     bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))

@@ -234,12 +234,28 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
             plan = plan_for(model, head, None, state.settings)
         else:
             plan = plan_for(model, None, parse_request_header(head), state.settings)
-        region = None
+        region = target = None
+        out = plan.output
         if plan.regions:
             region = state.shared_memory.resolver(scope.get("mecs.principal"))
-        x, f = plan.arrays(model, payload, region)
+        x, f, bounds = plan.arrays(model, payload, region)
+        if out is not None and out.region is not None:
+            # the output region, checked before the forward; when the caller wants the
+            # model's own dtype and unit the forward writes straight into it
+            target = region(out, True)
+            if plan.want == model.dtype and plan.factor == 1.0:
+                into = np.frombuffer(target, model.dtype, x.size).reshape(x.shape)
+                if not np.may_share_memory(into, x):  # an output over its own input: copied
+                    target = into
         t_decode = time.perf_counter()
-        result = await model.correct(x, f, scope.get("mecs.ticket"), plan.group)
+        result = await model.correct(
+            x,
+            f,
+            scope.get("mecs.ticket"),
+            plan.group,
+            target if isinstance(target, np.ndarray) else None,
+            bounds,
+        )
     except ProtocolError as err:
         metrics.cached(metrics.rejected, model.name, err.reason).inc()
         metrics.infer_requests.labels(*labels, str(err.status)).inc()
@@ -266,16 +282,15 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
     if corr.dtype != plan.want:
         with np.errstate(over="ignore", invalid="ignore"):
             corr = corr.astype(plan.want)
-    if not math.isfinite(np.add.reduce(corr, axis=None)) and not np.isfinite(corr).all():
+    # the guardrails' min/max already showed the model's output finite unless a cast
+    # or the caller's time unit changed it since
+    if not (result.finite and corr is result.correction) and (
+        not math.isfinite(np.add.reduce(corr, axis=None)) and not np.isfinite(corr).all()
+    ):
         _nonfinite(metrics, model, labels, corr, n)  # the model's fault: never a 200
-    out = plan.output
-    if out is not None and out.region is not None:
-        try:
-            target = state.shared_memory.resolver(scope.get("mecs.principal"))(out, True)
-        except ServiceError as err:
-            metrics.infer_requests.labels(*labels, str(err.status)).inc()
-            raise
-        np.frombuffer(target, corr.dtype, corr.size).reshape(corr.shape)[...] = corr
+    if target is not None:
+        if not (result.into and corr is result.correction):
+            np.frombuffer(target, corr.dtype, corr.size).reshape(corr.shape)[...] = corr
         parts, headers = _answer(plan, model, result.batch_size, ood, n_ood, n_capped, corr, True)
     elif plan.binary and not n_ood and not n_capped:
         head = plan.heads.get(result.batch_size)
