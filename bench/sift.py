@@ -18,7 +18,13 @@ seed spread (the issue's rule); the ``decision`` entry says which.
 cached under ``bench/results/data``; the truth's spin-up on its 256^2 grid is cut
 to ``--qg-truth-spinup`` years, the host-grid spin-up stays the preset's), or
 ``--qg-store PATH`` an existing one; the QG models are the network ``bench/qg.py``
-pretrains (the 5-point stencil CNN) and are scored by validation loss only.
+pretrains (the 5-point stencil CNN). On a store built by ``--qg-years`` both models
+are also scored downstream through the QG evaluation (``mecs demo --preset qg-eddy``'s):
+5-day forecasts from the held-out analyses against the coarse-grained truth, behind
+the service's default magnitude guard; the skill is the RMSE by lead and layer
+relative to the uncorrected host's, averaged (lower is better; a forecast that blows
+up scores as missing). ``--resume`` keeps the model repositories, so a killed run
+continues from its checkpoints (the same weights as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -63,11 +69,13 @@ def one_seed(
     bench: Benchmark | None,
     sift_epochs: int | None = None,
     uniform_prev: dict | None = None,
+    qg: tuple | None = None,
 ) -> dict:
     """Uniform and SIFT runs of one seed. ``sift_epochs``: SIFT's epoch budget (a pool
     of ``sift_pool`` batches makes one step, so ``sift_pool`` times the epochs gives
     both the same backprop steps); ``uniform_prev``: this seed's uniform run from an
-    earlier report (same store and settings), reused instead of trained again."""
+    earlier report (same store and settings), reused instead of trained again;
+    ``qg``: (synth dir, config) of a QG store, for the downstream skill."""
     out: dict = {"seed": seed}
     models = {}
     for sampling in ("uniform", "sift"):
@@ -108,20 +116,50 @@ def one_seed(
         out["valid_time"] = {
             k: m["forecasts"][k]["valid_time"] for k in ("none", "uniform", "sift")
         }
+    if qg is not None:
+        out["qg_skill"] = qg_skill(repo, seed, *qg)
     return out
 
 
-def qg_store(years: float, truth_spinup: float) -> Path:
-    """A qg-eddy increment store of ``years`` stored years, built once and cached."""
+def qg_skill(repo: Path, seed: int, synth_dir: Path, cfg, cap_std: float = 10.0) -> dict:
+    """Both models' 5-day forecasts through the QG evaluation, behind the service's
+    default guard (``correction_cap_std``): RMSE by lead relative to the uncorrected
+    host's, averaged over leads and layers, and whether the free run stays stable."""
+    from correction.corrections import ZeroCorrection
+    from correction.evaluation.qg_experiment import evaluate_corrections
+    from correction.guardrails import GuardedCorrection
+
+    corr = {"none": ZeroCorrection()}
+    for k in ("uniform", "sift"):
+        corr[k] = GuardedCorrection(Corrector.load(repo, f"{k}-seed{seed}"), cap_std=cap_std)
+    res = evaluate_corrections(synth_dir, cfg, corr, free_days=30.0, log=lambda s: None)
+    none = np.asarray(res["none"]["rmse_by_lead"])[1:]
+    out: dict = {"cap_std": cap_std, "leads_h": res["_truth"]["leads_h"]}
+    for k in ("none", "uniform", "sift"):
+        row = res[k]
+        rmse = row.get("rmse_by_lead")
+        out[k] = {
+            "relative_rmse": None if rmse is None else float(np.mean(np.asarray(rmse)[1:] / none)),
+            "rmse_24h": row.get("rmse_24h"),
+            "rmse_120h": row.get("rmse_120h"),
+            "forecasts": row.get("forecasts", "ok"),
+            "free_run": row["free_run"]["status"],
+        }
+    return out
+
+
+def qg_store(years: float, truth_spinup: float) -> tuple[Path, tuple]:
+    """A qg-eddy increment store of ``years`` stored years, built once and cached, and
+    (synth dir, config) for its downstream skill."""
 
     from bench.qg import prepare as prepare_qg
     from data_pipeline.qg import HOURS_PER_YEAR
 
     args = SimpleNamespace(quick=False, duration=years * HOURS_PER_YEAR, progress=False)
-    root, _, times = prepare_qg("qg-eddy", 0, args, spinup_truth_years=truth_spinup)
+    root, cfg, times = prepare_qg("qg-eddy", 0, args, spinup_truth_years=truth_spinup)
     if times:
         print(f"qg store: {times}", flush=True)
-    return root / "inc.zarr"
+    return root / "inc.zarr", (root / "bench", cfg)
 
 
 def store_summary(runs: list[dict], with_skill: bool) -> dict:
@@ -144,6 +182,19 @@ def store_summary(runs: list[dict], with_skill: bool) -> dict:
         no_worse = float(np.mean(vt["sift"])) >= float(np.mean(vt["uniform"])) - spread
         res["skill_no_worse_within_spread"] = no_worse
         ok = ok and no_worse
+    if "qg_skill" in runs[0]:
+        # relative RMSE: lower is better; a forecast that blew up counts as worse
+        sk = {k: [r["qg_skill"][k]["relative_rmse"] for r in runs] for k in ("uniform", "sift")}
+        res["qg_relative_rmse"] = {k: summary(v) if None not in v else None for k, v in sk.items()}
+        if None in sk["sift"] and None not in sk["uniform"]:
+            no_worse = False
+        elif None in sk["sift"] or None in sk["uniform"]:
+            no_worse = None not in sk["sift"]
+        else:
+            spread = max(float(np.std(sk["uniform"])), float(np.std(sk["sift"])))
+            no_worse = float(np.mean(sk["sift"])) <= float(np.mean(sk["uniform"])) + spread
+        res["skill_no_worse_within_spread"] = bool(no_worse)
+        ok = ok and no_worse
     res["meets_the_rule"] = bool(ok)
     return res
 
@@ -151,7 +202,7 @@ def store_summary(runs: list[dict], with_skill: bool) -> dict:
 def table(report: dict) -> str:
     lines = [
         "| store | seeds | uniform best val | SIFT best val | SIFT steps / uniform "
-        "| SIFT wall / uniform | valid time uniform | valid time SIFT | rule met |",
+        "| SIFT wall / uniform | skill uniform | skill SIFT | rule met |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -160,12 +211,15 @@ def table(report: dict) -> str:
 
     for name, st in report["stores"].items():
         sm = st["summary"]
-        vt = sm.get("valid_time", {})
+        # l96: valid time (higher is better); QG: RMSE relative to none (lower is better)
+        sk = sm.get("valid_time") or sm.get("qg_relative_rmse") or {}
+        unit = " (valid time)" if "valid_time" in sm else " (rel. RMSE)" if sk else ""
         lines.append(
             f"| {name} | {len(st['runs'])} | {fmt(sm['best_val_loss']['uniform'])} "
             f"| {fmt(sm['best_val_loss']['sift'])} | {fmt(sm['steps_ratio'])} "
-            f"| {fmt(sm['wall_ratio'])} | {fmt(vt.get('uniform')) if vt else '-'} "
-            f"| {fmt(vt.get('sift')) if vt else '-'} | {'yes' if sm['meets_the_rule'] else 'no'} |"
+            f"| {fmt(sm['wall_ratio'])} | {fmt(sk.get('uniform')) + unit if sk else '-'} "
+            f"| {fmt(sk.get('sift')) + unit if sk else '-'} "
+            f"| {'yes' if sm['meets_the_rule'] else 'no'} |"
         )
     return "\n".join(lines) + f"\n\nDecision: {report['decision']}\n"
 
@@ -193,6 +247,9 @@ def main() -> None:
     )
     p.add_argument("--uniform-from", help="reuse the uniform runs of this earlier report")
     p.add_argument(
+        "--resume", action="store_true", help="keep the repositories: resume killed runs"
+    )
+    p.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -203,20 +260,23 @@ def main() -> None:
         return merge(args.merge, Path(args.out))
     torch.set_num_threads(1)
     base = {"max_epochs": args.max_epochs, "sift_pool": args.pool, "sift_floor": args.floor}
-    stores: list[tuple[str, Path, Benchmark | None, dict]] = []
+    stores: list[tuple[str, Path, Benchmark | None, dict, tuple | None]] = []
     if not args.only_qg:
         synth, inc, _ = prepare(args.preset, args.analysis)
-        stores.append((f"{args.preset}-{args.analysis}", inc, Benchmark.open(synth), base))
+        stores.append((f"{args.preset}-{args.analysis}", inc, Benchmark.open(synth), base, None))
+    qg = None
     if args.qg_years:
-        args.qg_store = str(qg_store(args.qg_years, args.qg_truth_spinup))
+        store, qg = qg_store(args.qg_years, args.qg_truth_spinup)
+        args.qg_store = str(store)
     if args.qg_store:
         qg_base = {**base, "network": "stencil-cnn", "params": {"hidden": 64, "kernel": 5}}
-        stores.append(("qg-eddy", Path(args.qg_store), None, qg_base))
+        stores.append(("qg-eddy", Path(args.qg_store), None, qg_base, qg))
     report: dict = {"settings": vars(args), "stores": {}}
-    for name, store, bench, cfg in stores:
+    for name, store, bench, cfg, qg_eval in stores:
         # one repository per seed list: runs of other seeds may go on beside this one
         repo = DATA / f"models-sift-{name}-seeds{'-'.join(map(str, args.seeds))}"
-        shutil.rmtree(repo, ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(repo, ignore_errors=True)
         runs = []
         prev = {}
         if args.uniform_from:
@@ -231,12 +291,14 @@ def main() -> None:
                 bench,
                 sift_epochs=args.max_epochs * args.sift_epochs_factor,
                 uniform_prev=prev.get(seed),
+                qg=qg_eval,
             )
             print(
                 f"{name} seed {seed}: uniform best {r['uniform']['best_val_loss']:.4f} "
                 f"({r['uniform']['to_uniform_best']['steps']} steps), SIFT best "
                 f"{r['sift']['best_val_loss']:.4f}, steps ratio {r['steps_ratio']}, "
-                f"wall ratio {r['wall_ratio']}, valid time {r.get('valid_time')}",
+                f"wall ratio {r['wall_ratio']}, valid time {r.get('valid_time')}, "
+                f"QG skill {r.get('qg_skill')}",
                 flush=True,
             )
             runs.append(r)
