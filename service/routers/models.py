@@ -212,6 +212,11 @@ async def infer_handler(request: Request, name: str, version: str | None) -> Res
     return await handle_infer(request.app.state.mecs, scope, request.receive, name, version)
 
 
+#: JSON bodies up to this size are looked up in the plan cache (a shared-memory call's
+#: body is a few hundred bytes; one with inline values is never cached)
+_JSON_PLAN_BYTES = 4096
+
+
 async def handle_infer(state, scope, receive, name: str, version: str | None) -> Response:
     """Decode, validate, correct (through the batch queue) and encode one request.
 
@@ -232,6 +237,10 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
         head, payload = split_body(body, hlen)
         if hlen is not None:
             plan = plan_for(model, head, None, state.settings)
+        elif len(head) <= _JSON_PLAN_BYTES:
+            # a small JSON body (one that names shared-memory regions: no inline values)
+            # is its own header, cached like a binary one
+            plan = plan_for(model, bytes(head), None, state.settings)
         else:
             plan = plan_for(model, None, parse_request_header(head), state.settings)
         region = target = None
