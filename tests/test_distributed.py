@@ -231,3 +231,22 @@ def test_two_nodes_meet_at_a_rendezvous_endpoint(tiny_increments, tmp_path):
     config = artifacts.read_config(tmp_path / "models" / "m" / "1")
     assert config["training"]["world_size"] == 2
     assert artifacts.list_versions(tmp_path / "models", "m") == [1]
+
+
+def test_two_process_sift_pretraining_matches_one_and_publishes_once(tiny_increments, tmp_path):
+    """SIFT under torchrun: the early-exit head is averaged over the ranks like the
+    network, the run publishes once and lands where one process lands."""
+    sift = {**FAST, "max_epochs": 6, "sampling": "sift", "sift_pool": 2}
+    settings = tmp_path / "sift.json"
+    settings.write_text(json.dumps(sift))
+    args = ["pretrain", "--data", str(tiny_increments), "--name", "m", "--config", str(settings)]
+    out = run(torchrun(2, *args, "--repository", str(tmp_path / "two"), "--no-progress"))
+    assert out.count("pretrain: published") == 1
+    two = artifacts.read_config(tmp_path / "two" / "m" / "1")
+    assert two["training"]["world_size"] == 2
+    assert two["training"]["settings"]["sampling"] == "sift"
+    one = pretrain(
+        tiny_increments, tmp_path / "one", "m", PretrainConfig.from_dict(sift), progress=False
+    )
+    assert two["metrics"]["val_loss"] == pytest.approx(one.best_val_loss, rel=0.05)
+    assert sorted(p.name for p in (tmp_path / "two" / "m").iterdir()) == ["1"]

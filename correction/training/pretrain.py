@@ -140,11 +140,22 @@ def pretrain(
         optim, factor=cfg.lr_factor, patience=cfg.lr_patience
     )
     sift = cfg.sampling == "sift"
-    exit_head = head_optim = None
+    exit_head = head_optim = head_loss = None
     if sift:  # the approximate loss: trained alongside, checkpointed, not published
         torch.manual_seed(cfg.seed + 7919)
         exit_head = EarlyExitHead(model.core).to(dist.device)
         head_optim = torch.optim.Adam(exit_head.parameters(), lr=cfg.lr)
+        # under torchrun the head's gradients are averaged over the ranks like the
+        # network's, so every rank scores with the same head and rank 0's checkpoint
+        # of it is every rank's
+        head_loss = dist.wrap(
+            distributed.Objective(
+                exit_head,
+                lambda x, yn: exit_head.per_sample_loss(
+                    exit_head.features(model.normalise_input(x)), yn
+                ),
+            )
+        )
     shard = {"rank": dist.rank, "world": dist.world}
     train = BatchStream(
         source,
@@ -211,7 +222,7 @@ def pretrain(
             x, y = x.to(dist.device), y.to(dist.device)
             yn = (y - model._expand(model.out_mean)) / model._expand(model.out_std)
             if sift:
-                x, yn = _sift_batch(model, exit_head, head_optim, x, yn, batch, cfg, select_rng)
+                x, yn = _sift_batch(head_loss, head_optim, x, yn, batch, cfg, select_rng)
             share = dist.share(len(x))
             loss = objective(x, yn, share)
             optim.zero_grad(set_to_none=True)
@@ -341,10 +352,9 @@ def _pools(batches, k: int):
         yield torch.cat(xs), torch.cat(ys), len(xs[0])
 
 
-def _sift_batch(model, exit_head, head_optim, x, yn, batch, cfg, rng):
+def _sift_batch(head_loss, head_optim, x, yn, batch, cfg, rng):
     """Score the pool with the early-exit head, train the head on it, pick the batch."""
-    h = exit_head.features(model.normalise_input(x))
-    per_sample = exit_head.per_sample_loss(h, yn)
+    per_sample = head_loss(x, yn)
     idx = select(per_sample.detach().cpu(), batch, cfg.sift_floor, rng)
     head_optim.zero_grad(set_to_none=True)
     per_sample.mean().backward()  # the head learns on the whole pool (features detached)
