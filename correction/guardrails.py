@@ -65,18 +65,13 @@ class Guardrails:
             self.in_hi_fast = (in_mean + self.ood_threshold_std * in_std).min() - margin
 
     def apply(
-        self, state: np.ndarray, corr: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(capped correction, OOD flag per sample, number of capped values per sample)``."""
-        return self.check(state, corr)[:3]
-
-    def check(
         self,
         state: np.ndarray,
         corr: np.ndarray,
         state_bounds: tuple[float, float] | None = None,
     ) -> Guarded:
-        """:meth:`apply` with what its passes learned. ``state_bounds``: the state's
+        """The capped correction, OOD flag and capped values per sample, and whether
+        the cap's pass showed the correction finite. ``state_bounds``: the state's
         min and max when the caller has them (the service's input check computes
         them), so the OOD fast path does not pass over the state again. The cap
         clips ``corr`` in place."""
@@ -156,7 +151,7 @@ class GuardedCorrector:
         ``out`` (``state``'s shape and dtype, contiguous; a caller's shared-memory
         region) receives the correction: the runtime writes into it where it can
         (ONNX Runtime's I/O binding) and the cap clips it in place, so a large
-        answer is never copied. ``state_bounds``: see :meth:`Guardrails.check`.
+        answer is never copied. ``state_bounds``: see :meth:`Guardrails.apply`.
         """
         n = state.shape[0]
         packed = state.reshape(n, *self.packed)
@@ -183,7 +178,7 @@ class GuardedCorrector:
                     into(packed[i : i + per], f, y[i : i + per])
                 else:
                     y[i : i + per] = self.runtime(packed[i : i + per], f)
-        res = self.guard.check(state, y.reshape(state.shape), state_bounds)
+        res = self.guard.apply(state, y.reshape(state.shape), state_bounds)
         return res if out is None else res._replace(correction=out, into=True)
 
 

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from correction.guardrails import Guarded
+
 from .errors import ServiceError
 
 ComputeFn = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -335,9 +337,7 @@ class Batcher:
         self._deliver(batch, res, dt, sum(it.state.shape[0] for it in batch))
 
     def _deliver(self, batch, res, dt, total) -> BatchResult | None:
-        corr, ood, capped = res[0], res[1], res[2]
-        finite = res[3] if len(res) > 3 else None
-        into = len(res) > 4 and res[4]
+        corr, ood, capped, finite, into = Guarded(*res)  # a plain 3-tuple: the defaults
         now = time.perf_counter()
         if self.observe is not None:
             self.observe(total, len(batch), dt, [now - it.t for it in batch])

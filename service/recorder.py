@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -45,23 +44,11 @@ class _Buffer:
         self.n = 0
 
 
-_writer: ThreadPoolExecutor | None = None
-_writer_lock = threading.Lock()
-
-
-def _record_writer() -> ThreadPoolExecutor:
-    """The one thread that writes record files in this process.
-
-    netCDF-C and the HDF5 under it are not thread-safe. With the event loop's default
-    executor, several files were written at once, and a process with several servers
-    (the test suite) crashed in HDF5 with a bus error. All writes go through this one
-    thread instead, whatever the number of recorders.
-    """
-    global _writer
-    with _writer_lock:
-        if _writer is None:
-            _writer = ThreadPoolExecutor(1, thread_name_prefix="mecs-record")
-        return _writer
+#: The one thread that writes record files in this process (started on first use).
+#: netCDF-C and the HDF5 under it are not thread-safe: with the event loop's default
+#: executor several files were written at once, and a process with several servers
+#: (the test suite) crashed in HDF5 with a bus error.
+_WRITER = ThreadPoolExecutor(1, thread_name_prefix="mecs-record")
 
 
 class Recorder:
@@ -82,7 +69,7 @@ class Recorder:
         self.file_samples = int(file_samples)
         self.max_files = int(max_files)
         self.metrics = metrics
-        self.executor = executor or _record_writer()
+        self.executor = executor or _WRITER
         self._credit = 0.0
         self._seq = 0
         self._buffers: dict[tuple[str, int], tuple[object, _Buffer]] = {}

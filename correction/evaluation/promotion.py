@@ -290,18 +290,19 @@ def decide(scores: dict[str, Any], rule: GateRule) -> tuple[bool, list[str]]:
                 f"(tolerance {rule.tolerance:g})"
             )
     fr = scores["free_run"].get("candidate")
-    if fr is not None and not fr["finite"]:
-        ok = False
-        reasons.append(f"free run of the candidate: {fr['error']}")
-    elif fr is not None and fr["max_std"] > rule.bound_std:
-        ok = False
-        reasons.append(
-            f"free run of the candidate strays {fr['max_std']:.1f} climatological std from "
-            f"the analyses' mean (bound {rule.bound_std:g})"
-        )
-    elif fr is not None:
-        reasons.append(
-            f"free run of the candidate bounded ({fr['max_std']:.1f} <= {rule.bound_std:g} std "
-            f"over {fr['steps']} steps)"
-        )
+    if fr is not None:  # the candidate's free run: finite and within bound_std
+        if not fr["finite"]:
+            ok = False
+            reasons.append(f"free run of the candidate: {fr['error']}")
+        elif fr["max_std"] > rule.bound_std:
+            ok = False
+            reasons.append(
+                f"free run of the candidate strays {fr['max_std']:.1f} climatological std "
+                f"from the analyses' mean (bound {rule.bound_std:g})"
+            )
+        else:
+            reasons.append(
+                f"free run of the candidate bounded ({fr['max_std']:.1f} <= "
+                f"{rule.bound_std:g} std over {fr['steps']} steps)"
+            )
     return bool(ok), reasons

@@ -19,17 +19,18 @@ from ._common import add_host_options, make_named_host
 
 EXIT_REFUSED = 3
 
-# command-line flag -> GateRule field
-_RULE_FLAGS = {
-    "intervals": "intervals",
-    "leads": "leads",
-    "margin": "margin",
-    "tolerance": "tolerance",
-    "free_run": "free_run_intervals",
-    "bound_std": "bound_std",
-    "init_every": "init_every",
-    "max_inits": "max_inits",
-}
+# the command-line flags of GateRule fields, and the one whose field has another name
+_RULE_FLAGS = (
+    "intervals",
+    "leads",
+    "margin",
+    "tolerance",
+    "free_run",
+    "bound_std",
+    "init_every",
+    "max_inits",
+)
+_RULE_FIELD = {"free_run": "free_run_intervals"}
 
 
 def _rule(args):
@@ -42,10 +43,11 @@ def _rule(args):
             values.update(read_settings_file(args.rule))
         except SettingsFileError as err:
             raise UsageError(f"mecs promote: --rule: {err}") from None
-    for flag, key in _RULE_FLAGS.items():
+    for flag in _RULE_FLAGS:
         v = getattr(args, flag, None)
         if v is None:
             continue
+        key = _RULE_FIELD.get(flag, flag)
         if flag == "leads":
             try:
                 v = [int(x) for x in str(v).split(",") if x.strip()]

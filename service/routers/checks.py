@@ -136,12 +136,14 @@ class InferPlan:
         if len(payload) != self.payload_size:
             raise ProtocolError(payload_mismatch(self.payload_size, len(payload)))
         x = _tensor(self.state, payload, region)
-        x, bounds = in_model_dtype(model, "state", x, bounds=True)
+        x, bounds = in_model_dtype(model, "state", x)
         if not x.flags.writeable:
             x = x.copy()
         f = None
         if self.forcings is not None:
-            f = np.array(in_model_dtype(model, "forcings", _tensor(self.forcings, payload, region)))
+            f = np.array(
+                in_model_dtype(model, "forcings", _tensor(self.forcings, payload, region))[0]
+            )
         return x, f, bounds
 
 
@@ -181,30 +183,27 @@ def plan_for(
 PLAN_CACHE_SIZE = 256
 
 
-def in_model_dtype(model: LoadedModel, name: str, arr: np.ndarray, bounds: bool = False):
-    """``arr`` as a contiguous array in the model's dtype, every value finite in it;
-    with ``bounds``, ``(array, (min, max))``.
+def in_model_dtype(
+    model: LoadedModel, name: str, arr: np.ndarray
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """``arr`` as a contiguous array in the model's dtype, every value finite in it,
+    and its min and max.
 
     The check runs on the cast array, where it matters: an FP64 value above float32's
     largest (3.4e38) is finite in the request but infinite in a float32 model, and
     its correction would come back NaN. Casting first and checking once costs no
-    more than checking the input. With ``bounds`` the check is the min and the max
-    (a NaN makes both NaN, an Inf one of them infinite): the guardrails' OOD test
-    needs exactly those, so the state is passed over twice in all, not three times.
+    more than checking the input. The check is the min and the max (a NaN makes both
+    NaN, an Inf one of them infinite): the guardrails' OOD test needs exactly those,
+    so a state is passed over twice in all, not three times.
     """
     if arr.dtype == model.dtype:
         out = np.ascontiguousarray(arr)
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             out = np.ascontiguousarray(arr, dtype=model.dtype)
-    if bounds:
-        lo, hi = out.min(), out.max()
-        if math.isfinite(lo) and math.isfinite(hi):
-            return out, (lo, hi)
-    # one pass, no temporary: a NaN or Inf anywhere makes the sum NaN or Inf (a finite
-    # array whose sum overflows falls through to the exact check below)
-    elif math.isfinite(np.add.reduce(out, axis=None)) or np.isfinite(out).all():
-        return out
+    lo, hi = out.min(), out.max()
+    if math.isfinite(lo) and math.isfinite(hi):
+        return out, (lo, hi)
     flat = out.reshape(out.shape[0], -1)
     bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
     if np.isfinite(arr).all():

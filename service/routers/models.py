@@ -243,7 +243,7 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
             plan = plan_for(model, bytes(head), None, state.settings)
         else:
             plan = plan_for(model, None, parse_request_header(head), state.settings)
-        region = target = None
+        region = target = into = None
         out = plan.output
         if plan.regions:
             region = state.shared_memory.resolver(scope.get("mecs.principal"))
@@ -254,17 +254,10 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
             target = region(out, True)
             if plan.want == model.dtype and plan.factor == 1.0:
                 into = np.frombuffer(target, model.dtype, x.size).reshape(x.shape)
-                if not np.may_share_memory(into, x):  # an output over its own input: copied
-                    target = into
+                if np.may_share_memory(into, x):  # an output over its own input: copied
+                    into = None
         t_decode = time.perf_counter()
-        result = await model.correct(
-            x,
-            f,
-            scope.get("mecs.ticket"),
-            plan.group,
-            target if isinstance(target, np.ndarray) else None,
-            bounds,
-        )
+        result = await model.correct(x, f, scope.get("mecs.ticket"), plan.group, into, bounds)
     except ProtocolError as err:
         metrics.cached(metrics.rejected, model.name, err.reason).inc()
         metrics.infer_requests.labels(*labels, str(err.status)).inc()
