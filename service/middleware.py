@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .auth import check_key
+from .busypoll import BusyPoll
 from .errors import ServiceError
 from .routers.models import handle_infer
 
@@ -84,6 +85,8 @@ class ServiceMiddleware:
         self._waiting: dict[asyncio.Task, float] = {}
         self._timed_out: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        # settings.busy_poll_us: the loop polls without sleeping after each request
+        self.busy_poll = BusyPoll(settings.busy_poll_us * 1e-6)
 
     async def _sweep(self) -> None:
         """Cancel requests whose body is late; they answer 408 (see ``__call__``)."""
@@ -233,6 +236,7 @@ class ServiceMiddleware:
             self.inflight_bytes -= reserved
             if ticket is not None:
                 ticket.close()
+            self.busy_poll.touch()
             if endpoint is None:
                 endpoint = getattr(scope.get("route"), "path", "other")
             m = state.metrics

@@ -165,6 +165,14 @@ class ServiceSettings(BaseSettings):
         "along onnxruntime, torchscript, eager",
     )
     gc_freeze: bool = Field(True, description="gc.freeze() after start-up (short GC pauses)")
+    busy_poll_us: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="after each request the event loop polls without sleeping for this many "
+        "microseconds, yielding the core on every pass (lower latency for callers in step, at "
+        "the cost of CPU while idle; 0: off)",
+    )
     runtime_arena: bool = Field(
         False,
         description="ONNX Runtime's memory arena: large batches ~2x faster, but each loaded "
