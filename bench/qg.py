@@ -112,18 +112,24 @@ def train(root: Path, args) -> dict:
         ]
     )
     times["pretrain_s"] = round(time.perf_counter() - t0, 1)
-    emu = root / "emulator"
+    emu_settings = (args.emulator_states, args.emulator_epochs, args.emulator_rollout)
+    # the table's emulator keeps its old place; another one is kept apart by its settings
+    emu = root / (
+        "emulator"
+        if emu_settings == (3000, 12, 3)
+        else "emulator-s{}-e{}-r{}".format(*emu_settings)
+    )
     host = ["--host", "torch:qg", "--data", str(root / "bench"), *progress]
     if not (emu / "config.json").exists():
-        cfg = root / "emulator.json"
+        cfg = emu.with_suffix(".json")
         cfg.write_text(
             json.dumps(
                 {
                     "network": "stencil-cnn",
                     "params": {"hidden": 32, "kernel": 5},
                     "n_states": args.emulator_states,
-                    "epochs": 12,
-                    "rollout_steps": 3,
+                    "epochs": args.emulator_epochs,
+                    "rollout_steps": args.emulator_rollout,
                 }
             )
         )
@@ -298,6 +304,8 @@ def main() -> None:
     p.add_argument("--unroll", type=int, default=4)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--emulator-states", type=int, default=3000)
+    p.add_argument("--emulator-epochs", type=int, default=12)
+    p.add_argument("--emulator-rollout", type=int, default=3, help="host steps of its states")
     p.add_argument("--progress", action="store_true")
     p.add_argument(
         "--caps", default="3", help="extra rows: each network behind a cap of k stds (comma list)"
