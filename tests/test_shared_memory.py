@@ -61,6 +61,24 @@ def test_infer_through_shared_memory_equals_the_binary_body(shm_server):
         assert not Path("/dev/shm", region.key.lstrip("/")).exists()
 
 
+def test_repeated_region_answers_are_the_same_and_follow_a_stage_change(shm_server):
+    """A forecast repeats its region call every step: the answer's header is built once
+    per plan and batch size, and a promotion (a new stage) still shows in the next one."""
+    with CorrectionClient(shm_server.url, "l96", api_key="alice") as c:
+        x = states(4)
+        with SharedMemoryRegion(c, "run", 2 * x.nbytes) as region:
+            region.array(x.shape)[...] = x
+            answers = [c.infer_in_region(region, x.shape) for _ in range(3)]
+            assert {a.parameters["model_stage"] for a in answers} == {"production"}
+            assert all(a.parameters == answers[0].parameters for a in answers)
+            model = shm_server.app.state.mecs.repository.slots["l96"].default
+            model.set_stage("retired")
+            after = c.infer_in_region(region, x.shape)
+            assert after.parameters["model_stage"] == "retired"
+            np.testing.assert_array_equal(after.correction, answers[0].correction)
+            model.set_stage("production")
+
+
 def test_regions_belong_to_the_key_that_registered_them(shm_server):
     alice = CorrectionClient(shm_server.url, "l96", api_key="alice")
     bob = CorrectionClient(shm_server.url, "l96", api_key="bob")

@@ -293,13 +293,15 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
     if target is not None:
         if not (result.into and corr is result.correction):
             np.frombuffer(target, corr.dtype, corr.size).reshape(corr.shape)[...] = corr
-        parts, headers = _answer(plan, model, result.batch_size, ood, n_ood, n_capped, corr, True)
+        if n_ood or n_capped:
+            parts, headers = _answer(
+                plan, model, result.batch_size, ood, n_ood, n_capped, corr, True
+            )
+        else:  # nothing flagged: the answer depends on the plan and the batch size only
+            head = _cached_head(plan, model, result.batch_size, ood, corr, True)
+            parts, headers = [head], {"Content-Type": "application/json"}
     elif plan.binary and not n_ood and not n_capped:
-        head = plan.heads.get(result.batch_size)
-        if head is None:
-            head = _answer(plan, model, result.batch_size, ood, 0, 0, corr, False)[0][0]
-            if len(plan.heads) < 256:
-                plan.heads[result.batch_size] = head
+        head = _cached_head(plan, model, result.batch_size, ood, corr, False)
         parts = [head, memoryview(np.ascontiguousarray(corr)).cast("B")]
         headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
     elif plan.binary or corr.size <= _JSON_SLICE:
@@ -348,6 +350,18 @@ def _response_header(plan, model, batch_size, ood, n_ood, n_capped) -> dict[str,
         header["id"] = plan.id
     header["parameters"] = params
     return header
+
+
+def _cached_head(plan, model, batch_size, ood, corr, in_region) -> bytes:
+    """The JSON header of an answer with nothing flagged or capped, built once per plan
+    and batch size: a forecast repeating its request gets the same bytes every step
+    (a promotion clears them, see ``LoadedModel.set_stage``)."""
+    head = plan.heads.get(batch_size)
+    if head is None:
+        head = _answer(plan, model, batch_size, ood, 0, 0, corr, in_region)[0][0]
+        if len(plan.heads) < 256:
+            plan.heads[batch_size] = head
+    return head
 
 
 def _answer(plan, model, batch_size, ood, n_ood, n_capped, corr, in_region):
