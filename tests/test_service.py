@@ -514,11 +514,32 @@ def test_batcher_unbatched_mode_and_errors():
             raise RuntimeError("forward failed")
 
         failing = make_batcher(boom, traffic)
-        res = await asyncio.gather(
-            *(failing.submit(np.ones((1, 3), np.float32)) for _ in range(3)),
-            return_exceptions=True,
+        res = await asyncio.wait_for(
+            asyncio.gather(
+                *(failing.submit(np.ones((1, 3), np.float32)) for _ in range(3)),
+                return_exceptions=True,
+            ),
+            10,
         )
         assert all(isinstance(r, RuntimeError) for r in res)  # every waiter hears of it
+        # the same on the worker thread (batches over inline_max_values), where the result
+        # comes back to the loop from the worker; and from an executor already shut down
+        threaded = make_batcher(compute, traffic, inline_max_values=0)
+        got = await asyncio.gather(
+            *(threaded.submit(np.full((1, 3), i, np.float32)) for i in range(3))
+        )
+        assert [float(g.correction[0, 0]) for g in got] == [0.0, 2.0, 4.0]
+        for b in (make_batcher(boom, traffic, inline_max_values=0), threaded):
+            if b is threaded:
+                b.executor.shutdown()
+            res = await asyncio.wait_for(
+                asyncio.gather(
+                    *(b.submit(np.ones((1, 3), np.float32)) for _ in range(3)),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+            assert all(isinstance(r, RuntimeError) for r in res), res
 
     asyncio.run(scenario())
 
