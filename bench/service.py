@@ -325,20 +325,35 @@ def shared_memory_4mb(client, big: np.ndarray, reps: int) -> dict:
         return {}
     with SharedMemoryRegion(client, "bench", 2 * big.nbytes) as region:
         region.array(big.shape)[...] = big
-        rtt, fwd, overhead = [], [], []
+        rtt, fwd, overhead, split = [], [], [], []
         for i in range(reps + 1):
             t = time.perf_counter()
             res = client.infer_in_region(region, big.shape)
             elapsed = time.perf_counter() - t
             if i:  # the first call warms up
-                f = res.server_timing_ms["forward"] / 1e3
+                st = res.server_timing_ms
+                f = st["forward"] / 1e3
                 rtt.append(elapsed)
                 fwd.append(f)
                 overhead.append(elapsed - f)
+                # where the overhead goes (Server-Timing; "queue" from the commit that added it)
+                split.append(
+                    (
+                        st["decode"],
+                        st.get("queue", float("nan")),
+                        st["total"] - st["forward"],
+                        elapsed * 1e3 - st["total"],
+                    )
+                )
+        med = np.median(np.asarray(split), axis=0)
         return {
             "round_trip_ms": round(float(np.median(rtt)) * 1e3, 2),
             "server_forward_ms": round(float(np.median(fwd)) * 1e3, 2),
             "transport_overhead_ms": round(float(np.median(overhead)) * 1e3, 3),
+            "server_decode_ms": round(float(med[0]), 3),
+            "server_queue_ms": round(float(med[1]), 3),
+            "server_outside_forward_ms": round(float(med[2]), 3),
+            "client_and_network_ms": round(float(med[3]), 3),
             "reps": reps,
         }
 

@@ -29,7 +29,7 @@ def test_binary_and_json_over_http_equal_in_process(start_server, l96_repository
                 res = client.infer(x.astype(dtype), dt=0.01, request_id="abc")
                 assert res.correction.dtype == dtype and res.model_version == 1
                 assert res.id == "abc" and res.out_of_distribution == [False] * 5
-                assert set(res.server_timing_ms) == {"read", "decode", "forward", "total"}
+                assert set(res.server_timing_ms) == {"read", "decode", "queue", "forward", "total"}
                 np.testing.assert_allclose(
                     res.correction, corr(x.astype(dtype)), rtol=1e-4, atol=1e-5
                 )

@@ -51,7 +51,7 @@ def test_infer_through_shared_memory_equals_the_binary_body(shm_server):
             np.testing.assert_array_equal(region.array(x.shape, offset=x.nbytes), got.correction)
             np.testing.assert_array_equal(region.array(x.shape), x)
             assert got.batch_size == 5 and got.model_version == 1
-            assert set(got.server_timing_ms) == {"read", "decode", "forward", "total"}
+            assert set(got.server_timing_ms) == {"read", "decode", "queue", "forward", "total"}
             # the state changes in place between steps; the answer follows it
             region.array(x.shape)[...] = x[::-1]
             np.testing.assert_array_equal(

@@ -25,7 +25,7 @@ class InferResult:
 
     @property
     def server_timing_ms(self) -> dict[str, float]:
-        """The server's time per stage (read, decode, forward, total), in ms."""
+        """The server's time per stage (read, decode, queue, forward, total), in ms."""
         return _server_timing(self.server_timing)
 
 

@@ -258,6 +258,7 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
                     into = None
         t_decode = time.perf_counter()
         result = await model.correct(x, f, scope.get("mecs.ticket"), plan.group, into, bounds)
+        t_back = time.perf_counter()
     except ProtocolError as err:
         metrics.cached(metrics.rejected, model.name, err.reason).inc()
         metrics.infer_requests.labels(*labels, str(err.status)).inc()
@@ -327,6 +328,7 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
     # standard Server-Timing header (ms): lets a caller split its latency
     headers["Server-Timing"] = (
         f"read;dur={(t_read - t_body) * 1e3:.3f}, decode;dur={(t_decode - t_read) * 1e3:.3f}, "
+        f"queue;dur={(t_back - t_decode - result.forward_s) * 1e3:.3f}, "
         f"forward;dur={result.forward_s * 1e3:.3f}, total;dur={elapsed * 1e3:.3f}"
     )
     if len(parts) > 1 and len(parts[1]) > _JOIN_BELOW:
