@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from correction.version import __version__
 
 from .auth import KeyStore
+from .cpulatency import CpuLatencyRequest
 from .errors import ServiceError
 from .metrics import ServiceMetrics
 from .middleware import ServiceMiddleware, _client_gone, _error
@@ -106,6 +107,7 @@ class ServiceState:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     repository: ModelRepository | None = None
     executor: ThreadPoolExecutor | None = None
+    cpu_latency: CpuLatencyRequest | None = None
     shared_memory: SharedMemoryRegistry | None = None
     shadow: Shadow | None = None  # shadow mode (settings.shadow)
     recorder: Recorder | None = None  # samples for mecs monitor (settings.record_dir)
@@ -245,9 +247,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
+        if settings.cpu_latency_qos_us is not None:
+            state.cpu_latency = CpuLatencyRequest(settings.cpu_latency_qos_us)
+            state.cpu_latency.open()
         try:
             yield
         finally:
+            if state.cpu_latency is not None:
+                state.cpu_latency.close()
             if state.shadow is not None:
                 await state.shadow.drain()
             if state.recorder is not None:

@@ -173,6 +173,14 @@ class ServiceSettings(BaseSettings):
         "microseconds, yielding the core on every pass (lower latency for callers in step, at "
         "the cost of CPU while idle; 0: off)",
     )
+    cpu_latency_qos_us: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="while serving, hold a CPU latency QoS request of this many microseconds "
+        "(/dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, machine-wide, at the cost "
+        "of CPU while idle; needs root or the device; unset: off)",
+    )
     runtime_arena: bool = Field(
         False,
         description="ONNX Runtime's memory arena: large batches ~2x faster, but each loaded "
@@ -206,7 +214,9 @@ class ServiceSettings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("ssl_certfile", "ssl_keyfile", "record_dir", mode="before")
+    @field_validator(
+        "ssl_certfile", "ssl_keyfile", "record_dir", "cpu_latency_qos_us", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
