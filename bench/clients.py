@@ -17,14 +17,17 @@ and measures one l96 correction (1 x 36 FP32, binary) per call:
   ``mecs serve`` with busy polling (``--busy-poll-us``, default 1000; 0 leaves it out);
 - with ``--idle-spinners``, every figure again while a ``SCHED_IDLE`` busy loop runs
   on each CPU (``*_idle_spinners``): the CPUs never go idle, so the difference is what
-  waking an idle CPU costs.
+  waking an idle CPU costs;
+- with ``--cpu-latency-qos``, every figure again while this process holds a CPU
+  latency QoS request of 0 us (``*_cpu_latency_qos``; what ``MECS_CPU_LATENCY_QOS_US=0``
+  makes the service hold): idle CPUs poll instead of halting.
 
 The five are measured in interleaved rounds (the machine's load drifts) and the
 medians of the rounds' p50/p99 are reported, with ``c_bare / floor`` (the issue's
 target: at most 1.3), ``c_service / python_service``, and the service issue's
-single-call target for the C client (p50 <= 300 us and p99 <= 1 ms, or p50 within 2x
-of the floor). Writes ``bench/results/clients.json``. Usage: ``python
-bench/clients.py [--calls 3000] [--rounds 3] [--busy-poll-us 1000] [--idle-spinners]``.
+single-call target for both clients (p50 <= 300 us and p99 <= 1 ms, or p50 within 2x
+of the floor). Writes ``bench/results/clients.json``. Usage: ``python bench/clients.py
+[--calls 3000] [--rounds 3] [--busy-poll-us 1000] [--idle-spinners] [--cpu-latency-qos]``.
 """
 
 from __future__ import annotations
@@ -165,6 +168,25 @@ def _idle_spinners(on: bool):
             proc.wait()
 
 
+@contextlib.contextmanager
+def _variant(suffix: str):
+    """The machine state of one variant: as it is, idle spinners, or a CPU latency QoS
+    request of 0 us held by this process (what ``MECS_CPU_LATENCY_QOS_US=0`` makes the
+    service hold; machine-wide, so it is a variant in time, not a server)."""
+    from service.cpulatency import CpuLatencyRequest
+
+    if suffix == "_idle_spinners":
+        with _idle_spinners(True):
+            yield
+    elif suffix == "_cpu_latency_qos":
+        with CpuLatencyRequest(0) as req:
+            if not req.held:
+                raise SystemExit("--cpu-latency-qos: /dev/cpu_dma_latency cannot be opened")
+            yield
+    else:
+        yield
+
+
 def _median(rounds: list[dict], key: str) -> float:
     return round(float(np.median([r[key] for r in rounds])), 1)
 
@@ -179,6 +201,11 @@ def main() -> None:
         "--idle-spinners",
         action="store_true",
         help="each round again with a SCHED_IDLE busy loop per CPU (the CPUs never idle)",
+    )
+    p.add_argument(
+        "--cpu-latency-qos",
+        action="store_true",
+        help="each round again with a CPU latency QoS request of 0 us (idle CPUs poll)",
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "clients.json"))
     args = p.parse_args()
@@ -229,8 +256,10 @@ def main() -> None:
             load = os.getloadavg()
             for r in range(args.rounds):
                 row = {}
-                for suffix in ("", "_idle_spinners") if args.idle_spinners else ("",):
-                    with _idle_spinners(bool(suffix)):
+                variants = [""] + ["_idle_spinners"] * args.idle_spinners
+                variants += ["_cpu_latency_qos"] * args.cpu_latency_qos
+                for suffix in variants:
+                    with _variant(suffix):
                         floor = summary(timed(lambda: conn.send_raw(head, parts, 30), args.calls))
                         row[f"floor{suffix}_p50_us"] = floor["p50_us"]
                         row[f"floor{suffix}_p99_us"] = floor["p99_us"]
@@ -266,15 +295,21 @@ def main() -> None:
         "c_client_cost_p50_us": round(med["c_bare_p50_us"] - med["floor_p50_us"], 1),
         "python_client_cost_p50_us": round(med["python_bare_p50_us"] - med["floor_p50_us"], 1),
     }
-    for key in [k for k in ("c_service", "c_service_busy_poll") if f"{k}_p50_us" in med]:
-        p50, p99, floor = med[f"{key}_p50_us"], med[f"{key}_p99_us"], med["floor_p50_us"]
+    services = ("c_service", "c_service_busy_poll", "python_service", "python_service_busy_poll")
+    for v, key in [(v, f"{k}{v}") for v in variants for k in services if f"{k}{v}_p50_us" in med]:
+        floor = med[f"floor{v}_p50_us"]
+        p50, p99 = med[f"{key}_p50_us"], med[f"{key}_p99_us"]
         results["ratios"][f"{key}_over_floor_p50"] = round(p50 / floor, 3)
         # the service issue's single-call target, met by this client and server
         results["ratios"][f"{key}_p50_le_300us_p99_le_1ms_or_2x_floor"] = bool(
             (p50 <= 300 and p99 <= 1000) or p50 <= 2 * floor
         )
-    for key in [k for k in med if k.endswith("_idle_spinners_p50_us")]:
-        plain = key.replace("_idle_spinners", "")
+    for key, plain in [
+        (k, k.replace(v, ""))
+        for k in med
+        for v in ("_idle_spinners", "_cpu_latency_qos")
+        if k.endswith(f"{v}_p50_us")
+    ]:
         results["ratios"][key.replace("_p50_us", "_over_plain_p50")] = round(
             med[key] / med[plain], 3
         )
@@ -288,6 +323,7 @@ def main() -> None:
         "rounds": args.rounds,
         "busy_poll_us": args.busy_poll_us,
         "idle_spinners": args.idle_spinners,
+        "cpu_latency_qos": args.cpu_latency_qos,
         "loadavg_before": load,
     }
     results["machine"] = {"cpus": os.cpu_count()}
