@@ -27,6 +27,10 @@ measures, writing ``bench/results/service.json``:
 8. the 4 MB state through shared memory next to 4.'s binary body.
 9. busy polling (``MECS_BUSY_POLL_US=1000``): a third server in 1.'s interleaved blocks,
    and a fifth configuration in 2.'s windows (does it cost throughput under load?).
+10. a CPU latency QoS request of 0 us (what ``MECS_CPU_LATENCY_QOS_US=0`` makes the
+   service hold; idle CPUs poll instead of halting): held by this process in blocks of
+   its own between 1.'s, and around a second pass of 8. Machine-wide, so a variant in
+   time, not a server. Needs root; left out where ``/dev/cpu_dma_latency`` refuses.
 
 Usage: ``python bench/service.py [--duration 3] [--calls 3000] [--baseline REF] [--out PATH]``.
 The machine's load average is recorded: figures from a busy machine are not floors.
@@ -358,6 +362,17 @@ def shared_memory_4mb(client, big: np.ndarray, reps: int) -> dict:
         }
 
 
+def _cpu_latency_qos():
+    """A 0 us CPU latency request held by this process (what ``MECS_CPU_LATENCY_QOS_US=0``
+    makes the service hold), or None where the measured tree or the device has none."""
+    try:
+        from service.cpulatency import CpuLatencyRequest
+    except ImportError:
+        return None
+    req = CpuLatencyRequest(0)
+    return req if req.open() else None
+
+
 def ratio(a: dict, b: dict) -> float:
     """Median over rounds of a's throughput over b's (same rounds, side by side)."""
     pairs = zip(a["requests_per_s_by_round"], b["requests_per_s_by_round"], strict=True)
@@ -453,7 +468,14 @@ def main() -> None:
                 }
                 if c_old is not None:
                     fns["http_binary_baseline"] = lambda: c_old.infer(x1)
-                times: dict[str, list[float]] = {k: [] for k in fns}
+                # the same calls while a 0 us CPU latency request is held (idle CPUs poll):
+                # machine-wide, so measured in blocks of their own, interleaved with the rest
+                qos_fns = {
+                    "http_binary_cpu_latency_qos": fns["http_binary"],
+                    "http_binary_busy_poll_cpu_latency_qos": fns["http_binary_busy_poll"],
+                }
+                qos_ok = _cpu_latency_qos() is not None
+                times: dict[str, list[float]] = {k: [] for k in fns | (qos_fns if qos_ok else {})}
                 client_cpu = 0.0
                 for block in range(10):
                     for k, fn in fns.items():
@@ -461,6 +483,10 @@ def main() -> None:
                         times[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
                         if k == "http_binary":  # this process's CPU (user + kernel) per call
                             client_cpu += time.process_time() - cpu
+                    if qos_ok:
+                        with contextlib.closing(_cpu_latency_qos()):
+                            for k, fn in qos_fns.items():
+                                times[k] += timed(fn, args.calls // 10, 20)
                 results["single_call"] = {k: summary(v) for k, v in times.items()}
                 results["single_call"]["runtime"] = runtime.name
                 n_http = len(times["http_binary"]) + 200 + 9 * 20
@@ -522,6 +548,12 @@ def main() -> None:
                             "reps": reps,
                         }
                     rows["shared_memory"] = shared_memory_4mb(c, big, args.big_reps)
+                    qos = _cpu_latency_qos()
+                    if qos is not None:
+                        with contextlib.closing(qos):
+                            rows["shared_memory_cpu_latency_qos"] = shared_memory_4mb(
+                                c, big, args.big_reps
+                            )
                     rows["in_process_forward_ms"] = round(float(np.median(fwd)) * 1e3, 1)
                     rows["state_bytes"] = int(big.nbytes)
                     rows["json_over_binary_round_trip"] = round(
@@ -634,6 +666,14 @@ def main() -> None:
                 busy_single["p50_us"] <= 300 and busy_single["p99_us"] <= 1000
             )
             or busy_single["p50_us"] <= 2 * echo,
+            **{
+                f"single_call_{k.removeprefix('http_binary_')}_p50_le_300us_p99_le_1ms": (
+                    results["single_call"][k]["p50_us"] <= 300
+                    and results["single_call"][k]["p99_us"] <= 1000
+                )
+                for k in ("http_binary_cpu_latency_qos", "http_binary_busy_poll_cpu_latency_qos")
+                if k in results["single_call"]
+            },
             "grouped_lower_p50_than_timer": grouped["latency"]["p50_us"]
             < timer["latency"]["p50_us"],
             "grouped_throughput_ge_timer": results["ratios"]["grouped_over_timer_throughput"]
@@ -646,6 +686,16 @@ def main() -> None:
                 "transport_overhead_ms"
             ]
             <= 1.0,
+            **(
+                {
+                    "shared_memory_4mb_cpu_latency_qos_overhead_le_1ms": results["state_4mb"][
+                        "shared_memory_cpu_latency_qos"
+                    ]["transport_overhead_ms"]
+                    <= 1.0
+                }
+                if "shared_memory_cpu_latency_qos" in results["state_4mb"]
+                else {}
+            ),
             "single_call_p50_le_500us": single["p50_us"] <= 500,
             "single_call_p99_le_2ms": single["p99_us"] <= 2000,
             "batching_ge_1.5x": results["ratios"]["batching_speedup_40_callers"] >= 1.5,
