@@ -474,7 +474,10 @@ def main() -> None:
                     "http_binary_cpu_latency_qos": fns["http_binary"],
                     "http_binary_busy_poll_cpu_latency_qos": fns["http_binary_busy_poll"],
                 }
-                qos_ok = _cpu_latency_qos() is not None
+                probe = _cpu_latency_qos()
+                qos_ok = probe is not None
+                if probe is not None:
+                    probe.close()  # held only in its own blocks
                 times: dict[str, list[float]] = {k: [] for k in fns | (qos_fns if qos_ok else {})}
                 client_cpu = 0.0
                 for block in range(10):
