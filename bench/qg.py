@@ -20,7 +20,8 @@ loss). Usage: ``python bench/qg.py [--quick] [--presets qg-eddy,qg-jet]
 [--seeds 0,1,2] [--duration HOURS] [--free-days DAYS] [--iterations N]
 [--modes unrolled --unroll 16 --tag u16]``. ``--modes`` runs some of the online
 modes only (an experiment, not the table: the findings need every mode); ``--tag``
-names its files apart from the table's. Generated data are kept under
+names its files apart from the table's; ``--pretrained-from TAG`` starts from that
+tagged run's offline network instead of pretraining one. Generated data are kept under
 ``bench/results/data/`` and reused.
 """
 
@@ -94,24 +95,30 @@ def train(root: Path, args) -> dict:
     if repo.exists():
         shutil.rmtree(repo)
     progress = [] if args.progress else ["--no-progress"]
-    t0 = time.perf_counter()
-    _cli(
-        [
-            "pretrain",
-            "--data",
-            str(root / "inc.zarr"),
-            "--repository",
-            str(repo),
-            "--name",
-            "qg",
-            "--network",
-            "stencil-cnn",
-            "--max-epochs",
-            str(args.epochs),
-            *progress,
-        ]
-    )
-    times["pretrain_s"] = round(time.perf_counter() - t0, 1)
+    if args.pretrained_from:  # the same offline network as another run's: online modes compare
+        src = root / f"models-it{args.iterations}-{args.pretrained_from}" / "qg" / "1"
+        if not (src / "config.json").exists():
+            raise SystemExit(f"--pretrained-from {args.pretrained_from}: no {src}")
+        shutil.copytree(src, repo / "qg" / "1")
+    else:
+        t0 = time.perf_counter()
+        _cli(
+            [
+                "pretrain",
+                "--data",
+                str(root / "inc.zarr"),
+                "--repository",
+                str(repo),
+                "--name",
+                "qg",
+                "--network",
+                "stencil-cnn",
+                "--max-epochs",
+                str(args.epochs),
+                *progress,
+            ]
+        )
+        times["pretrain_s"] = round(time.perf_counter() - t0, 1)
     emu_settings = (args.emulator_states, args.emulator_epochs, args.emulator_rollout)
     # the table's emulator keeps its old place; another one is kept apart by its settings
     emu = root / (
@@ -317,6 +324,11 @@ def main() -> None:
     )
     p.add_argument("--modes", default=",".join(MODES), help="online modes to fine-tune")
     p.add_argument("--tag", default="", help="suffix of this run's files (an experiment)")
+    p.add_argument(
+        "--pretrained-from",
+        default="",
+        help="TAG: version 1 (offline) copied from that tagged run's repository, not retrained",
+    )
     p.add_argument("--out", default=None, help="default bench/results/qg[-TAG].json")
     args = p.parse_args()
     args.modes = tuple(m for m in args.modes.split(",") if m)
