@@ -154,13 +154,17 @@ def _idle_spinners(on: bool):
     the cost of waking an idle CPU (on a virtual machine: the hypervisor's), not of
     sharing one; the service's and clients' own work preempts it at once."""
     procs = []
-    if on:
-        code = (
-            "import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile 1: pass"
-        )
-        procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count())]
-        time.sleep(0.5)
+    # each spinner also stops when this process is gone, however it ended
+    code = (
+        "import os\nparent = os.getppid()\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "while os.getppid() == parent: pass"
+    )
     try:
+        if on:
+            for _ in range(os.cpu_count()):
+                procs.append(subprocess.Popen([sys.executable, "-c", code]))
+            time.sleep(0.5)
         yield
     finally:
         for proc in procs:

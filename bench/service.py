@@ -486,8 +486,9 @@ def main() -> None:
                         times[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
                         if k == "http_binary":  # this process's CPU (user + kernel) per call
                             client_cpu += time.process_time() - cpu
-                    if qos_ok:
-                        with contextlib.closing(_cpu_latency_qos()):
+                    held = _cpu_latency_qos() if qos_ok else None
+                    if held is not None:  # (a device that refuses later: the block is skipped)
+                        with contextlib.closing(held):
                             for k, fn in qos_fns.items():
                                 times[k] += timed(fn, args.calls // 10, 20)
                 results["single_call"] = {k: summary(v) for k, v in times.items()}

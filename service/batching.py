@@ -332,11 +332,11 @@ class Batcher:
         def work() -> None:
             try:
                 res, dt = self._timed_compute(batch)
-            except Exception as err:  # every waiting request learns it, none is lost
+            except BaseException as err:  # every waiting request learns it, none is lost
                 deliver, args = self._fail, (batch, err)
             else:
                 deliver, args = (
-                    self._deliver,
+                    self._settle,
                     (batch, res, dt, sum(it.state.shape[0] for it in batch)),
                 )
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -345,6 +345,14 @@ class Batcher:
         try:
             self.executor.submit(work)
         except RuntimeError as err:  # the executor is shut down
+            self._fail(batch, err)
+
+    def _settle(self, batch: list[_Item], res, dt: float, total: int) -> None:
+        """``_deliver`` on the loop; if that fails (a malformed result), the waiting
+        requests get the error instead of waiting forever."""
+        try:
+            self._deliver(batch, res, dt, total)
+        except Exception as err:
             self._fail(batch, err)
 
     @staticmethod

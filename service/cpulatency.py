@@ -46,6 +46,8 @@ class CpuLatencyRequest:
         with the slower wake-ups. The device needs root, or in a container the
         device passed in (docs/deploy.md).
         """
+        if self.fd is not None:  # already held: one request, one file
+            return True
         try:
             fd = os.open(self.device, os.O_WRONLY)
         except OSError as err:

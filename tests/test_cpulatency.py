@@ -26,6 +26,7 @@ def test_the_request_writes_the_value_and_is_released(tmp_path):
         assert req.held
         assert struct.unpack("=i", dev.read_bytes()) == (25,)
         fd = req.fd
+        assert req.open() and req.fd == fd  # opened twice: still the one file
     assert not req.held
     with pytest.raises(OSError):
         os.fstat(fd)  # closed: the kernel drops a real request with its file
@@ -58,7 +59,9 @@ def test_a_server_holds_the_request_while_it_serves(start_server):
     from service.client import CorrectionClient
 
     before = current_latency_us()
-    assert before is not None and before > 0  # the test needs no other holder of 0
+    assert before is not None
+    if before == 0:
+        pytest.skip("another process holds a 0 us request (a benchmark?)")
     server = start_server(cpu_latency_qos_us=0)
     assert server.app.state.mecs.cpu_latency.held
     assert current_latency_us() == 0

@@ -540,6 +540,16 @@ def test_batcher_unbatched_mode_and_errors():
                 10,
             )
             assert all(isinstance(r, RuntimeError) for r in res), res
+        # a result the queue cannot hand out (here: none at all) fails the waiters too
+        malformed = make_batcher(lambda x, f: None, traffic, inline_max_values=0)
+        res = await asyncio.wait_for(
+            asyncio.gather(
+                *(malformed.submit(np.ones((1, 3), np.float32)) for _ in range(2)),
+                return_exceptions=True,
+            ),
+            10,
+        )
+        assert all(isinstance(r, TypeError) for r in res), res
 
     asyncio.run(scenario())
 
