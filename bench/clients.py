@@ -148,7 +148,7 @@ def _probe(probe: Path, url: str, calls: int) -> dict:
 
 
 @contextlib.contextmanager
-def _idle_spinners(on: bool):
+def _idle_spinners():
     """One busy loop per CPU at ``SCHED_IDLE``, the lowest priority there is: it runs only
     when nothing else wants the CPU, so the CPUs never go idle. Whatever it changes is
     the cost of waking an idle CPU (on a virtual machine: the hypervisor's), not of
@@ -161,10 +161,9 @@ def _idle_spinners(on: bool):
         "while os.getppid() == parent: pass"
     )
     try:
-        if on:
-            for _ in range(os.cpu_count()):
-                procs.append(subprocess.Popen([sys.executable, "-c", code]))
-            time.sleep(0.5)
+        for _ in range(os.cpu_count()):
+            procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        time.sleep(0.5)
         yield
     finally:
         for proc in procs:
@@ -180,7 +179,7 @@ def _variant(suffix: str):
     from service.cpulatency import CpuLatencyRequest
 
     if suffix == "_idle_spinners":
-        with _idle_spinners(True):
+        with _idle_spinners():
             yield
     elif suffix == "_cpu_latency_qos":
         with CpuLatencyRequest(0) as req:

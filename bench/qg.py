@@ -45,6 +45,13 @@ from bench.common import DATA, RESULTS  # noqa: E402
 
 PER_SEED = RESULTS / "qg"
 MODES = ("one-step", "unrolled", "emulator", "hybrid", "differentiable")
+#: the table's emulator (states, epochs, host steps of its states), kept in ``emulator/``
+EMULATOR = (3000, 12, 3)
+
+
+def _tagged(name: str, tag: str) -> str:
+    """``name-tag``: an experiment's files and repositories, apart from the table's."""
+    return f"{name}-{tag}" if tag else name
 
 
 def _cli(argv: list[str]) -> None:
@@ -90,13 +97,13 @@ def train(root: Path, args) -> dict:
     """Offline pretraining, the emulator, and every fine-tuning mode (version 2 on)."""
     import shutil
 
-    repo = root / f"models-it{args.iterations}{'-' + args.tag if args.tag else ''}"
+    repo = root / _tagged(f"models-it{args.iterations}", args.tag)
     times = {}
     if repo.exists():
         shutil.rmtree(repo)
     progress = [] if args.progress else ["--no-progress"]
     if args.pretrained_from:  # the same offline network as another run's: online modes compare
-        src = root / f"models-it{args.iterations}-{args.pretrained_from}" / "qg" / "1"
+        src = root / _tagged(f"models-it{args.iterations}", args.pretrained_from) / "qg" / "1"
         if not (src / "config.json").exists():
             raise SystemExit(f"--pretrained-from {args.pretrained_from}: no {src}")
         shutil.copytree(src, repo / "qg" / "1")
@@ -119,12 +126,10 @@ def train(root: Path, args) -> dict:
             ]
         )
         times["pretrain_s"] = round(time.perf_counter() - t0, 1)
-    emu_settings = (args.emulator_states, args.emulator_epochs, args.emulator_rollout)
+    settings = (args.emulator_states, args.emulator_epochs, args.emulator_rollout)
     # the table's emulator keeps its old place; another one is kept apart by its settings
-    emu = root / (
-        "emulator"
-        if emu_settings == (3000, 12, 3)
-        else "emulator-s{}-e{}-r{}".format(*emu_settings)
+    emu = root / _tagged(
+        "emulator", "" if settings == EMULATOR else "s{}-e{}-r{}".format(*settings)
     )
     host = ["--host", "torch:qg", "--data", str(root / "bench"), *progress]
     if not (emu / "config.json").exists():
@@ -310,9 +315,11 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--unroll", type=int, default=4)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--emulator-states", type=int, default=3000)
-    p.add_argument("--emulator-epochs", type=int, default=12)
-    p.add_argument("--emulator-rollout", type=int, default=3, help="host steps of its states")
+    p.add_argument("--emulator-states", type=int, default=EMULATOR[0])
+    p.add_argument("--emulator-epochs", type=int, default=EMULATOR[1])
+    p.add_argument(
+        "--emulator-rollout", type=int, default=EMULATOR[2], help="host steps of its states"
+    )
     p.add_argument("--progress", action="store_true")
     p.add_argument(
         "--caps", default="3", help="extra rows: each network behind a cap of k stds (comma list)"
@@ -334,15 +341,15 @@ def main() -> None:
     args.modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := set(args.modes) - set(MODES):
         p.error(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    tag = f"-{args.tag}" if args.tag else ""
-    args.out = args.out or str(RESULTS / f"qg{tag}.json")
+    args.out = args.out or str(RESULTS / f"{_tagged('qg', args.tag)}.json")
     args.caps = tuple(float(c) for c in args.caps.split(",") if c)
     torch.set_num_threads(1)
     report: dict = {"settings": vars(args), "presets": {}}
     for preset in args.presets.split(","):
         seeds = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            per_seed = PER_SEED / f"{preset}{'-quick' if args.quick else ''}{tag}-seed{seed}.json"
+            stem = _tagged(f"{preset}{'-quick' if args.quick else ''}", args.tag)
+            per_seed = PER_SEED / f"{stem}-seed{seed}.json"
             if args.assemble:
                 seeds.append(json.loads(per_seed.read_text())["result"])
                 continue

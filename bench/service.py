@@ -474,11 +474,7 @@ def main() -> None:
                     "http_binary_cpu_latency_qos": fns["http_binary"],
                     "http_binary_busy_poll_cpu_latency_qos": fns["http_binary_busy_poll"],
                 }
-                probe = _cpu_latency_qos()
-                qos_ok = probe is not None
-                if probe is not None:
-                    probe.close()  # held only in its own blocks
-                times: dict[str, list[float]] = {k: [] for k in fns | (qos_fns if qos_ok else {})}
+                times: dict[str, list[float]] = {k: [] for k in fns}
                 client_cpu = 0.0
                 for block in range(10):
                     for k, fn in fns.items():
@@ -486,11 +482,11 @@ def main() -> None:
                         times[k] += timed(fn, args.calls // 10, 200 if block == 0 else 20)
                         if k == "http_binary":  # this process's CPU (user + kernel) per call
                             client_cpu += time.process_time() - cpu
-                    held = _cpu_latency_qos() if qos_ok else None
-                    if held is not None:  # (a device that refuses later: the block is skipped)
+                    held = _cpu_latency_qos()
+                    if held is not None:  # where the device refuses, these figures are absent
                         with contextlib.closing(held):
                             for k, fn in qos_fns.items():
-                                times[k] += timed(fn, args.calls // 10, 20)
+                                times.setdefault(k, []).extend(timed(fn, args.calls // 10, 20))
                 results["single_call"] = {k: summary(v) for k, v in times.items()}
                 results["single_call"]["runtime"] = runtime.name
                 n_http = len(times["http_binary"]) + 200 + 9 * 20

@@ -294,15 +294,10 @@ async def handle_infer(state, scope, receive, name: str, version: str | None) ->
     if target is not None:
         if not (result.into and corr is result.correction):
             np.frombuffer(target, corr.dtype, corr.size).reshape(corr.shape)[...] = corr
-        if n_ood or n_capped:
-            parts, headers = _answer(
-                plan, model, result.batch_size, ood, n_ood, n_capped, corr, True
-            )
-        else:  # nothing flagged: the answer depends on the plan and the batch size only
-            head = _cached_head(plan, model, result.batch_size, ood, corr, True)
-            parts, headers = [head], {"Content-Type": "application/json"}
+        head = _head(plan, model, result.batch_size, ood, n_ood, n_capped, corr, True)
+        parts, headers = [head], {"Content-Type": "application/json"}
     elif plan.binary and not n_ood and not n_capped:
-        head = _cached_head(plan, model, result.batch_size, ood, corr, False)
+        head = _head(plan, model, result.batch_size, ood, 0, 0, corr, False)
         parts = [head, memoryview(np.ascontiguousarray(corr)).cast("B")]
         headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
     elif plan.binary or corr.size <= _JSON_SLICE:
@@ -354,10 +349,12 @@ def _response_header(plan, model, batch_size, ood, n_ood, n_capped) -> dict[str,
     return header
 
 
-def _cached_head(plan, model, batch_size, ood, corr, in_region) -> bytes:
-    """The JSON header of an answer with nothing flagged or capped, built once per plan
-    and batch size: a forecast repeating its request gets the same bytes every step
-    (a promotion clears them, see ``LoadedModel.set_stage``)."""
+def _head(plan, model, batch_size, ood, n_ood, n_capped, corr, in_region) -> bytes:
+    """The answer's JSON header. With nothing flagged or capped it depends only on the
+    plan and the batch size, so it is built once: a forecast repeating its request gets
+    the same bytes every step (a promotion clears them, see ``LoadedModel.set_stage``)."""
+    if n_ood or n_capped:
+        return _answer(plan, model, batch_size, ood, n_ood, n_capped, corr, in_region)[0][0]
     head = plan.heads.get(batch_size)
     if head is None:
         head = _answer(plan, model, batch_size, ood, 0, 0, corr, in_region)[0][0]
