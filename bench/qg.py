@@ -69,16 +69,35 @@ def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, di
     spin-up); they are part of the cache key.
     """
     from data_pipeline import build_increments
-    from data_pipeline.qg import generate_qg, load_qg_config
+    from data_pipeline.qg import QGBenchmark, generate_qg, load_qg_config
 
-    cfg = load_qg_config(preset, quick=args.quick, seed=seed, duration=args.duration, **overrides)
-    extra = "".join(f"-{k}{v:g}" for k, v in sorted(overrides.items()))
-    tag = f"{preset}{'-quick' if args.quick else ''}-d{cfg.duration:g}{extra}-seed{seed}"
-    root = DATA / tag
+    if getattr(args, "coarse_cutoff", None) is not None:
+        overrides = {**overrides, "coarse_cutoff": args.coarse_cutoff}
+
+    def store(overrides: dict) -> tuple[Path, object]:
+        cfg = load_qg_config(
+            preset, quick=args.quick, seed=seed, duration=args.duration, **overrides
+        )
+        extra = "".join(f"-{k}{v:g}" for k, v in sorted(overrides.items()))
+        return (
+            DATA / f"{preset}{'-quick' if args.quick else ''}-d{cfg.duration:g}{extra}-seed{seed}",
+            cfg,
+        )
+
+    root, cfg = store(overrides)
     times = {}
     if not (root / "bench" / "config.json").exists():
         t0 = time.perf_counter()
-        generate_qg(cfg, root / "bench", overwrite=True, progress=args.progress)
+        # a cut store derives its truth from the filtered store's, when that exists
+        base = store({k: v for k, v in overrides.items() if k != "coarse_cutoff"})[0]
+        truth = None
+        if "coarse_cutoff" in overrides and (base / "bench" / "config.json").exists():
+            import xarray as xr
+
+            with xr.open_zarr(base / "bench" / "truth.zarr") as ds:
+                truth = QGBenchmark(cfg).recut(ds["q"].values)
+            print(f"truth: {base.name}'s, cut at {cfg.coarse_cutoff:g}", flush=True)
+        generate_qg(cfg, root / "bench", overwrite=True, progress=args.progress, truth=truth)
         times["synth_s"] = round(time.perf_counter() - t0, 1)
     if not (root / "inc.zarr").exists():
         t0 = time.perf_counter()
@@ -319,6 +338,12 @@ def main() -> None:
     p.add_argument("--emulator-epochs", type=int, default=EMULATOR[1])
     p.add_argument(
         "--emulator-rollout", type=int, default=EMULATOR[2], help="host steps of its states"
+    )
+    p.add_argument(
+        "--coarse-cutoff",
+        type=float,
+        default=None,
+        help="coarse-grain by a sharp cut at this wavenumber, not the host filter",
     )
     p.add_argument("--progress", action="store_true")
     p.add_argument(

@@ -73,6 +73,10 @@ class QGBenchmarkConfig:
     # resolutions (Ross et al. 2023: 256^2 truth, 64^2 low resolution)
     truth_nx: int = 256
     host_nx: int = 64
+    # coarse-graining: None keeps every wavenumber the host grid resolves and applies the
+    # host's filter (the default); a number K keeps |k| <= K cycles per domain only, a
+    # sharp cut below the band the filter damps (K <= 0.65 host_nx / 2, its onset)
+    coarse_cutoff: float | None = None
     # spin-up: on the host grid, then on the truth grid
     spinup_host_years: float = 5.0
     spinup_truth_years: float = 1.0
@@ -110,6 +114,14 @@ class QGBenchmarkConfig:
             raise ConfigError(
                 f"truth_nx={self.truth_nx} must be a multiple of host_nx={self.host_nx}"
             )
+        if self.coarse_cutoff is not None:
+            k = self.coarse_cutoff
+            onset = filter_onset(self.host_nx)
+            if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= onset:
+                raise ConfigError(
+                    f"coarse_cutoff={k!r} must be a positive wavenumber up to the host "
+                    f"filter's onset, {onset:g} cycles per domain at host_nx={self.host_nx}"
+                )
         if self.analysis not in ("noisy-truth", "letkf"):
             raise ConfigError(
                 f"analysis {self.analysis!r}: the QG benchmarks know 'noisy-truth' and 'letkf'"
@@ -257,7 +269,43 @@ class QGBenchmark:
 
     def coarse_grain(self, q: torch.Tensor) -> torch.Tensor:
         """Truth-grid PV ``[..., 2, N, N]`` -> host-grid PV ``[..., 2, n, n]``."""
-        return resample(q, self.config.host_nx, self.host().ops(q.device)["filter"])
+        return resample(q, self.config.host_nx, self.coarse_filter(q.device))
+
+    def coarse_filter(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The spectral weights ``[n, n//2 + 1]`` after truncation: the host's filter, or
+        a sharp isotropic cut at ``coarse_cutoff``.
+
+        Why the cut: the host filter damps its band (|k| of 21-28 at 64^2) on every step
+        while the truth keeps energy there, so with the filter alone most of a 6-hour
+        increment is the filter's damping of that band (docs/qg.md), and a correction
+        learns to undo the filter, a large gain at the grid scale. Cut below the band,
+        the increments carry the resolved scales' error.
+        """
+        k = self.config.coarse_cutoff
+        if k is None:
+            return self.host().ops(device)["filter"]
+        n = self.config.host_nx
+        ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)[:, None]
+        kx = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)[None, :]
+        return (kx**2 + ky**2 <= k**2).to(torch.float64)
+
+    def recut(self, coarse: np.ndarray) -> np.ndarray:
+        """A host-filtered coarse truth ``[..., n, n]`` cut at ``coarse_cutoff``.
+
+        The filter is exactly 1 up to its onset, so this equals coarse-graining the
+        truth-grid states again (up to the stored precision): a store can be derived
+        from another's truth without running the 256^2 model again.
+        """
+        if self.config.coarse_cutoff is None:
+            raise ConfigError("recut needs a coarse_cutoff")
+        x = torch.from_numpy(np.asarray(coarse, dtype=np.float64))
+        n = self.config.host_nx
+        return torch.fft.irfft2(torch.fft.rfft2(x) * self.coarse_filter(), s=(n, n)).numpy()
+
+
+def filter_onset(n: int) -> float:
+    """The wavenumber (cycles per domain) above which the host filter acts at ``n^2``."""
+    return TwoLayerQG.cphi * n / (2 * math.pi)
 
 
 def resample(q: torch.Tensor, n: int, filtr: torch.Tensor | None = None) -> torch.Tensor:
@@ -384,8 +432,14 @@ def generate_qg(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    truth: np.ndarray | None = None,
 ):
-    """Build the QG benchmark's stores under ``out`` (atomically: all or nothing)."""
+    """Build the QG benchmark's stores under ``out`` (atomically: all or nothing).
+
+    ``truth`` (``[n_cycles + 1, 2, n, n]``): the coarse-grained truth, given instead of
+    run (:meth:`QGBenchmark.recut` of another store's); everything after it is drawn
+    from the seed as usual.
+    """
     from .synth import SynthResult
 
     t0 = time.perf_counter()
@@ -397,7 +451,15 @@ def generate_qg(
     n = cfg.host_nx
     chunk = {"q": {"chunks": (256, 2, n, n)}}
     with staged_directory(out, overwrite=overwrite) as stage:
-        truth = run_truth(cfg, rng_truth, progress)
+        if truth is None:
+            truth = run_truth(cfg, rng_truth, progress)
+        elif truth.shape != (cfg.n_cycles + 1, 2, n, n):
+            raise ConfigError(
+                f"the given truth has shape {truth.shape}, the config needs "
+                f"{(cfg.n_cycles + 1, 2, n, n)}"
+            )
+        k = cfg.coarse_cutoff
+        cut = "host filter" if k is None else f"sharp isotropic cut at |k| <= {k:g}"
         times = np.round(np.arange(len(truth)) * cfg.obs_interval, 10)
         layer_std = truth.std(axis=(0, 2, 3), keepdims=True)
         if cfg.analysis == "letkf":
@@ -429,7 +491,7 @@ def generate_qg(
                 "coarse-grained two-layer QG truth",
                 coords,
                 cfg,
-                coarse_graining=f"spectral truncation {cfg.truth_nx}^2 -> {n}^2, host filter",
+                coarse_graining=f"spectral truncation {cfg.truth_nx}^2 -> {n}^2, {cut}",
             ),
             stage / "truth.zarr",
             encoding=chunk,

@@ -11,7 +11,14 @@ import torch
 from correction.hosts import make_host
 from correction.storage import open_zarr
 from data_pipeline.config import ConfigError
-from data_pipeline.qg import QG_PRESETS, QGBenchmark, generate_qg, load_qg_config, resample
+from data_pipeline.qg import (
+    QG_PRESETS,
+    QGBenchmark,
+    filter_onset,
+    generate_qg,
+    load_qg_config,
+    resample,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,8 @@ def test_presets_state_the_published_parameters():
         ({"analysis": "letkf", "letkf_inflation": 0.9}, "letkf_inflation"),
         ({"obs_interval": 2.5}, "whole multiple of dt"),
         ({"colour": 1}, "unknown setting"),
+        ({"coarse_cutoff": 21}, "coarse_cutoff=21 must be .* onset, 20.8"),
+        ({"coarse_cutoff": 0}, "coarse_cutoff=0"),
     ],
 )
 def test_bad_settings_name_the_field(overrides, message):
@@ -109,6 +118,65 @@ def test_the_host_lacks_the_subgrid_forcing(quick_qg):
         x = host.step(x)
     err = np.sqrt(((x.numpy() - t[4:]) ** 2).mean())
     assert err > 0.05 * t.std()
+
+
+def _resolved_share_of_the_error(host, truth: np.ndarray, per: int) -> float:
+    """The share of the one-cycle host error ``truth[i+1] - M(truth[i])`` (its variance)
+    at wavenumbers the host filter leaves alone."""
+    x = torch.from_numpy(truth[:-1])
+    for _ in range(per):
+        x = host.step(x)
+    power = torch.fft.rfft2(torch.from_numpy(truth[1:]) - x).abs() ** 2
+    n = truth.shape[-1]
+    ky = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64)[None, :]
+    weight = torch.where(kx > 0, 2.0, 1.0)  # the rfft's half plane
+    resolved = (kx**2 + ky**2).sqrt() <= filter_onset(n)
+    return float((power * weight * resolved).sum() / (power * weight).sum())
+
+
+def test_a_sharp_cut_moves_the_model_error_to_the_resolved_scales(quick_qg):
+    """With the host filter as the coarse-graining, nearly all of a cycle's model error
+    is the filter damping the band where the truth keeps energy (a correction learns to
+    undo the filter); cut below that band, most of it lies at the resolved scales."""
+    cfg, out = quick_qg
+    filtered = open_zarr(out / "truth.zarr")["q"].values.astype(np.float64)
+    cut = QGBenchmark(load_qg_config("qg-eddy", quick=True, coarse_cutoff=10))
+    host, per = cut.host(), cfg.steps(cfg.obs_interval, "obs_interval")
+    assert _resolved_share_of_the_error(host, filtered, per) < 0.2
+    assert _resolved_share_of_the_error(host, cut.recut(filtered), per) > 0.5
+
+
+def test_the_sharp_cut_of_a_filtered_store_is_the_cut_of_the_truth():
+    """``recut`` of a host-filtered coarse truth equals coarse-graining with the cut, and
+    the cut keeps exactly the wavenumbers up to ``coarse_cutoff``."""
+    cfg = load_qg_config("qg-eddy", quick=True, coarse_cutoff=8.5)
+    g = torch.Generator().manual_seed(1)
+    q = 1e-6 * torch.randn(3, 2, cfg.truth_nx, cfg.truth_nx, generator=g, dtype=torch.float64)
+    filtered = QGBenchmark(load_qg_config("qg-eddy", quick=True)).coarse_grain(q)
+    bench = QGBenchmark(cfg)
+    direct = bench.coarse_grain(q)
+    np.testing.assert_allclose(bench.recut(filtered.numpy()), direct.numpy(), rtol=0, atol=1e-18)
+    n = cfg.host_nx
+    spec = torch.fft.rfft2(direct).abs()
+    k = torch.sqrt(
+        torch.fft.fftfreq(n, d=1.0 / n)[:, None] ** 2
+        + torch.fft.rfftfreq(n, d=1.0 / n)[None, :] ** 2
+    )
+    assert spec[..., k > 8.5].max() < 1e-12 * spec.max()
+    kept = torch.fft.rfft2(resample(q, n)).abs()
+    torch.testing.assert_close(spec[..., k <= 8.5], kept[..., k <= 8.5], rtol=1e-12, atol=0)
+    with pytest.raises(ConfigError, match="coarse_cutoff"):
+        QGBenchmark(load_qg_config("qg-eddy", quick=True)).recut(filtered.numpy())
+
+
+def test_a_given_truth_must_fit_the_config(tmp_path):
+    cfg = load_qg_config("qg-eddy", quick=True, coarse_cutoff=10)
+    with pytest.raises(ConfigError, match="given truth has shape"):
+        generate_qg(
+            cfg, tmp_path / "s", progress=False, log=lambda _: None, truth=np.zeros((3, 2, 8, 8))
+        )
+    assert not (tmp_path / "s").exists()
 
 
 def test_the_same_seed_gives_the_same_bytes(quick_qg, tmp_path):
