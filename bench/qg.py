@@ -71,27 +71,27 @@ def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, di
     from data_pipeline import build_increments
     from data_pipeline.qg import QGBenchmark, generate_qg, load_qg_config
 
-    if getattr(args, "coarse_cutoff", None) is not None:
-        overrides = {**overrides, "coarse_cutoff": args.coarse_cutoff}
+    cut = getattr(args, "coarse_cutoff", "")
+    if cut:
+        overrides = {**overrides, "coarse_cutoff": cut if cut == "filter" else float(cut)}
 
     def store(overrides: dict) -> tuple[Path, object]:
         cfg = load_qg_config(
             preset, quick=args.quick, seed=seed, duration=args.duration, **overrides
         )
-        extra = "".join(f"-{k}{v:g}" for k, v in sorted(overrides.items()))
-        return (
-            DATA / f"{preset}{'-quick' if args.quick else ''}-d{cfg.duration:g}{extra}-seed{seed}",
-            cfg,
-        )
+        extra = "".join(f"-{k}{v:g}" for k, v in sorted(overrides.items()) if k != "coarse_cutoff")
+        k = "filter" if cfg.coarse_cutoff is None else f"k{cfg.coarse_cutoff:g}"
+        quick = "-quick" if args.quick else ""
+        return DATA / f"{preset}{quick}-d{cfg.duration:g}{extra}-{k}-seed{seed}", cfg
 
     root, cfg = store(overrides)
     times = {}
     if not (root / "bench" / "config.json").exists():
         t0 = time.perf_counter()
         # a cut store derives its truth from the filtered store's, when that exists
-        base = store({k: v for k, v in overrides.items() if k != "coarse_cutoff"})[0]
+        base = store({**overrides, "coarse_cutoff": "filter"})[0]
         truth = None
-        if "coarse_cutoff" in overrides and (base / "bench" / "config.json").exists():
+        if cfg.coarse_cutoff is not None and (base / "bench" / "config.json").exists():
             import xarray as xr
 
             with xr.open_zarr(base / "bench" / "truth.zarr") as ds:
@@ -341,9 +341,8 @@ def main() -> None:
     )
     p.add_argument(
         "--coarse-cutoff",
-        type=float,
-        default=None,
-        help="coarse-grain by a sharp cut at this wavenumber, not the host filter",
+        default="",
+        help="K: a sharp cut at this wavenumber; 'filter': the host filter (default: the preset's)",
     )
     p.add_argument("--progress", action="store_true")
     p.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from data_pipeline.qg import (
     generate_qg,
     load_qg_config,
     resample,
+    run_truth,
 )
 
 
@@ -33,6 +35,8 @@ def test_presets_state_the_published_parameters():
     eddy, jet = load_qg_config("qg-eddy"), load_qg_config("qg-jet")
     assert (eddy.beta, eddy.delta, eddy.rek) == (1.5e-11, 0.25, 5.787e-7)
     assert (jet.beta, jet.delta, jet.rek) == (1.0e-11, 0.1, 7.0e-8)
+    # a sharp cut just below the 64^2 filter's onset (20.8 cycles per domain)
+    assert eddy.coarse_cutoff == jet.coarse_cutoff == 20.0 <= filter_onset(64) < 21
     for cfg in (eddy, jet):
         assert (cfg.truth_nx, cfg.host_nx, cfg.dt) == (256, 64, 1.0)
         assert (cfg.L, cfg.rd, cfg.H1, cfg.U1, cfg.U2) == (1.0e6, 15000.0, 500.0, 0.025, 0.0)
@@ -52,6 +56,7 @@ def test_presets_state_the_published_parameters():
         ({"colour": 1}, "unknown setting"),
         ({"coarse_cutoff": 21}, "coarse_cutoff=21 must be .* onset, 20.8"),
         ({"coarse_cutoff": 0}, "coarse_cutoff=0"),
+        ({"coarse_cutoff": "sharp"}, "coarse_cutoff='sharp'"),
     ],
 )
 def test_bad_settings_name_the_field(overrides, message):
@@ -140,11 +145,20 @@ def test_a_sharp_cut_moves_the_model_error_to_the_resolved_scales(quick_qg):
     is the filter damping the band where the truth keeps energy (a correction learns to
     undo the filter); cut below that band, most of it lies at the resolved scales."""
     cfg, out = quick_qg
-    filtered = open_zarr(out / "truth.zarr")["q"].values.astype(np.float64)
-    cut = QGBenchmark(load_qg_config("qg-eddy", quick=True, coarse_cutoff=10))
-    host, per = cut.host(), cfg.steps(cfg.obs_interval, "obs_interval")
+    assert cfg.coarse_cutoff == 10.0  # the quick preset's cut
+    cut = open_zarr(out / "truth.zarr")["q"].values.astype(np.float64)
+    filtered = run_truth(replace(cfg, coarse_cutoff="filter"), _truth_rng(cfg), progress=False)
+    bench = QGBenchmark(cfg)
+    host, per = bench.host(), cfg.steps(cfg.obs_interval, "obs_interval")
     assert _resolved_share_of_the_error(host, filtered, per) < 0.2
-    assert _resolved_share_of_the_error(host, cut.recut(filtered), per) > 0.5
+    assert _resolved_share_of_the_error(host, cut, per) > 0.5
+    # the store's truth is the filtered truth cut (up to the store's float32)
+    np.testing.assert_allclose(bench.recut(filtered), cut, rtol=0, atol=1e-6 * cut.std())
+
+
+def _truth_rng(cfg) -> np.random.Generator:
+    """The truth's stream of ``generate_qg`` (the first of the seed's three)."""
+    return np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[0])
 
 
 def test_the_sharp_cut_of_a_filtered_store_is_the_cut_of_the_truth():
@@ -153,7 +167,9 @@ def test_the_sharp_cut_of_a_filtered_store_is_the_cut_of_the_truth():
     cfg = load_qg_config("qg-eddy", quick=True, coarse_cutoff=8.5)
     g = torch.Generator().manual_seed(1)
     q = 1e-6 * torch.randn(3, 2, cfg.truth_nx, cfg.truth_nx, generator=g, dtype=torch.float64)
-    filtered = QGBenchmark(load_qg_config("qg-eddy", quick=True)).coarse_grain(q)
+    filtered = QGBenchmark(
+        load_qg_config("qg-eddy", quick=True, coarse_cutoff="filter")
+    ).coarse_grain(q)
     bench = QGBenchmark(cfg)
     direct = bench.coarse_grain(q)
     np.testing.assert_allclose(bench.recut(filtered.numpy()), direct.numpy(), rtol=0, atol=1e-18)
@@ -167,11 +183,13 @@ def test_the_sharp_cut_of_a_filtered_store_is_the_cut_of_the_truth():
     kept = torch.fft.rfft2(resample(q, n)).abs()
     torch.testing.assert_close(spec[..., k <= 8.5], kept[..., k <= 8.5], rtol=1e-12, atol=0)
     with pytest.raises(ConfigError, match="coarse_cutoff"):
-        QGBenchmark(load_qg_config("qg-eddy", quick=True)).recut(filtered.numpy())
+        QGBenchmark(load_qg_config("qg-eddy", quick=True, coarse_cutoff="filter")).recut(
+            filtered.numpy()
+        )
 
 
 def test_a_given_truth_must_fit_the_config(tmp_path):
-    cfg = load_qg_config("qg-eddy", quick=True, coarse_cutoff=10)
+    cfg = load_qg_config("qg-eddy", quick=True)
     with pytest.raises(ConfigError, match="given truth has shape"):
         generate_qg(
             cfg, tmp_path / "s", progress=False, log=lambda _: None, truth=np.zeros((3, 2, 8, 8))
@@ -186,8 +204,6 @@ def test_the_same_seed_gives_the_same_bytes(quick_qg, tmp_path):
         a = open_zarr(out / store)["q"].values
         b = open_zarr(tmp_path / "again" / store)["q"].values
         assert a.tobytes() == b.tobytes(), store
-    from data_pipeline.qg import run_truth
-
     short = load_qg_config(
         "qg-eddy",
         quick=True,
