@@ -69,7 +69,8 @@ def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, di
     spin-up); they are part of the cache key.
     """
     from data_pipeline import build_increments
-    from data_pipeline.qg import QGBenchmark, generate_qg, load_qg_config
+    from data_pipeline.qg import QGBenchmark, load_qg_config
+    from data_pipeline.qg_stores import generate_qg
 
     cut = getattr(args, "coarse_cutoff", "")
     if cut:

@@ -104,7 +104,8 @@ def run_qg_demo(
     from correction.storage import open_zarr
     from correction.training.emulator import EmulatorConfig, train_emulator
     from correction.training.finetune import FinetuneConfig, finetune
-    from data_pipeline.qg import QGBenchmark, generate_qg, load_qg_config
+    from data_pipeline.qg import QGBenchmark, load_qg_config
+    from data_pipeline.qg_stores import generate_qg
 
     torch.set_num_threads(1)
     plan = QGDemoPlan.make(quick)

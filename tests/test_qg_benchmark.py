@@ -16,11 +16,10 @@ from data_pipeline.qg import (
     QG_PRESETS,
     QGBenchmark,
     filter_onset,
-    generate_qg,
     load_qg_config,
     resample,
-    run_truth,
 )
+from data_pipeline.qg_stores import generate_qg, run_truth
 
 
 @pytest.fixture(scope="module")

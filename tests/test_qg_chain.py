@@ -10,7 +10,8 @@ import pytest
 
 from correction import artifacts
 from correction.storage import open_zarr
-from data_pipeline.qg import generate_qg, load_qg_config
+from data_pipeline.qg import load_qg_config
+from data_pipeline.qg_stores import generate_qg
 from mecs.cli import main
 
 MODES = ("one-step", "unrolled", "emulator", "hybrid", "differentiable")

@@ -11,7 +11,8 @@ from mecs.cli import UsageError
 def run(args: argparse.Namespace) -> int:
     from correction.storage import OutputExistsError, check_destination
     from data_pipeline.config import ConfigError, load_config
-    from data_pipeline.qg import QG_PRESETS, generate_qg, load_qg_config
+    from data_pipeline.qg import QG_PRESETS, load_qg_config
+    from data_pipeline.qg_stores import generate_qg
     from data_pipeline.synth import generate
 
     try:
