@@ -21,8 +21,10 @@ loss). Usage: ``python bench/qg.py [--quick] [--presets qg-eddy,qg-jet]
 [--modes unrolled --unroll 16 --tag u16]``. ``--modes`` runs some of the online
 modes only (an experiment, not the table: the findings need every mode); ``--tag``
 names its files apart from the table's; ``--pretrained-from TAG`` starts from that
-tagged run's offline network instead of pretraining one. Generated data are kept under
-``bench/results/data/`` and reused.
+tagged run's offline network instead of pretraining one; ``--coarse-cutoff K`` (or
+``filter``) coarse-grains otherwise than the preset (stores are named by it, and a cut
+store derives its truth from the filtered store's when that exists). Generated data
+are kept under ``bench/results/data/`` and reused.
 """
 
 from __future__ import annotations
