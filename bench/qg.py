@@ -56,12 +56,40 @@ def _tagged(name: str, tag: str) -> str:
     return f"{name}-{tag}" if tag else name
 
 
+def _cut(preset: str, args) -> str:
+    """The coarse-graining in result file names: ``""`` for the preset's own cut,
+    ``-filter`` for the host filter (every table before the cut), ``-kK`` otherwise;
+    so a run never overwrites results of another coarse-graining."""
+    from data_pipeline.qg import load_qg_config
+
+    own = load_qg_config(preset, quick=args.quick).coarse_cutoff
+    cut = args.coarse_cutoff
+    if not cut or (cut != "filter" and float(cut) == own):
+        return ""
+    return "-filter" if cut == "filter" else f"-k{float(cut):g}"
+
+
 def _cli(argv: list[str]) -> None:
     from mecs.cli import main
 
     code = main(argv)
     if code != 0:
         raise RuntimeError(f"mecs {' '.join(argv[:1])} failed ({code})")
+
+
+def _same_but_the_cut(base: Path, cfg) -> bool:
+    """Whether ``base`` holds a filtered store of ``cfg`` but for its coarse-graining."""
+    path = base / "bench" / "config.json"
+    if not path.exists():
+        return False
+    theirs = json.loads(path.read_text())["config"]
+    ours = cfg.to_dict()
+    same = {k: v for k, v in theirs.items() if k != "coarse_cutoff"} == {
+        k: v for k, v in ours.items() if k != "coarse_cutoff"
+    } and theirs.get("coarse_cutoff") is None
+    if not same:
+        print(f"truth: {base.name} is not this config's filtered store; running the truth")
+    return same
 
 
 def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, dict]:
@@ -94,7 +122,7 @@ def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, di
         # a cut store derives its truth from the filtered store's, when that exists
         base = store({**overrides, "coarse_cutoff": "filter"})[0]
         truth = None
-        if cfg.coarse_cutoff is not None and (base / "bench" / "config.json").exists():
+        if cfg.coarse_cutoff is not None and _same_but_the_cut(base, cfg):
             import xarray as xr
 
             with xr.open_zarr(base / "bench" / "truth.zarr") as ds:
@@ -368,14 +396,22 @@ def main() -> None:
     args.modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := set(args.modes) - set(MODES):
         p.error(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    args.out = args.out or str(RESULTS / f"{_tagged('qg', args.tag)}.json")
+    if args.coarse_cutoff not in ("", "filter"):
+        try:
+            float(args.coarse_cutoff)
+        except ValueError:
+            p.error(f"--coarse-cutoff: a wavenumber or 'filter', not {args.coarse_cutoff!r}")
+    cut = _cut(args.presets.split(",")[0], args)
+    args.out = args.out or str(RESULTS / f"{_tagged('qg' + cut, args.tag)}.json")
     args.caps = tuple(float(c) for c in args.caps.split(",") if c)
     torch.set_num_threads(1)
     report: dict = {"settings": vars(args), "presets": {}}
     for preset in args.presets.split(","):
         seeds = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            stem = _tagged(f"{preset}{'-quick' if args.quick else ''}", args.tag)
+            stem = _tagged(
+                f"{preset}{'-quick' if args.quick else ''}{_cut(preset, args)}", args.tag
+            )
             per_seed = PER_SEED / f"{stem}-seed{seed}.json"
             if args.assemble:
                 seeds.append(json.loads(per_seed.read_text())["result"])
@@ -393,6 +429,7 @@ def main() -> None:
             seeds.append(res)
             PER_SEED.mkdir(parents=True, exist_ok=True)
             settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "presets", "out")}
+            settings["coarse_cutoff"] = cfg.coarse_cutoff  # what the store was cut with
             per_seed.write_text(
                 json.dumps({"settings": settings, "result": res}, indent=1, default=str) + "\n"
             )

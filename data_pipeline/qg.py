@@ -23,8 +23,10 @@ small noise (cheap), then the state is interpolated spectrally to the truth grid
 and run ``spinup_truth_years`` more (the eddy configuration at 64^2 equilibrates in
 about four years, docs/synth.md).
 
-Times are hours (the host steps in hours). One ``SeedSequence`` feeds every draw,
-so a seed reproduces the stores byte for byte.
+Times are hours (the host steps in hours). The stores are written by
+:mod:`data_pipeline.qg_stores`, where one ``SeedSequence`` feeds every draw, so a seed
+reproduces them byte for byte (a store whose truth was derived with
+:meth:`QGBenchmark.recut` differs by the float32 rounding, and says so).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ TIME_ATTRS = {"long_name": "model time", "units": "hours"}
 
 @dataclass(frozen=True)
 class QGBenchmarkConfig:
-    """Settings of a two-layer QG benchmark (the defaults are ``qg-eddy``)."""
+    """Settings of a two-layer QG benchmark: the defaults are ``qg-eddy``'s but for
+    ``coarse_cutoff`` (None here, so that a store's config written before the presets
+    cut still reads as filtered)."""
 
     preset: str = "qg-eddy"
     # physics (pyqg's two-layer model; Ross et al. 2023 for the eddy/jet values)

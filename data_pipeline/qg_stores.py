@@ -159,6 +159,7 @@ def generate_qg(
     n = cfg.host_nx
     chunk = {"q": {"chunks": (256, 2, n, n)}}
     with staged_directory(out, overwrite=overwrite) as stage:
+        given = None if truth is None else "given (derived from another store's truth)"
         if truth is None:
             truth = run_truth(cfg, rng_truth, progress)
         elif truth.shape != (cfg.n_cycles + 1, 2, n, n):
@@ -200,6 +201,7 @@ def generate_qg(
                 coords,
                 cfg,
                 coarse_graining=f"spectral truncation {cfg.truth_nx}^2 -> {n}^2, {cut}",
+                truth_source="run" if given is None else given,
             ),
             stage / "truth.zarr",
             encoding=chunk,

@@ -79,8 +79,9 @@ def test_coarse_graining_of_a_band_limited_field_is_sampling():
     torch.testing.assert_close(resample(resample(coarse, big), small), coarse, atol=1e-12, rtol=0)
 
 
-def test_coarse_graining_removes_the_scales_the_host_cannot_hold():
-    cfg = load_qg_config("qg-eddy", quick=True)
+@pytest.mark.parametrize("cut", [None, "filter"])
+def test_coarse_graining_removes_the_scales_the_host_cannot_hold(cut):
+    cfg = load_qg_config("qg-eddy", quick=True, coarse_cutoff=cut)
     bench = QGBenchmark(cfg)
     g = torch.Generator().manual_seed(0)
     q = 1e-6 * torch.randn(2, cfg.truth_nx, cfg.truth_nx, generator=g, dtype=torch.float64)
@@ -187,13 +188,20 @@ def test_the_sharp_cut_of_a_filtered_store_is_the_cut_of_the_truth():
         )
 
 
-def test_a_given_truth_must_fit_the_config(tmp_path):
-    cfg = load_qg_config("qg-eddy", quick=True)
+def test_a_given_truth_must_fit_the_config_and_is_recorded(quick_qg, tmp_path):
+    cfg, out = quick_qg
     with pytest.raises(ConfigError, match="given truth has shape"):
         generate_qg(
             cfg, tmp_path / "s", progress=False, log=lambda _: None, truth=np.zeros((3, 2, 8, 8))
         )
     assert not (tmp_path / "s").exists()
+    run = open_zarr(out / "truth.zarr")
+    assert run.attrs["truth_source"] == "run"
+    given = run["q"].values.astype(np.float64)
+    generate_qg(cfg, tmp_path / "g", progress=False, log=lambda _: None, truth=given)
+    derived = open_zarr(tmp_path / "g" / "truth.zarr")
+    assert derived.attrs["truth_source"].startswith("given")
+    assert derived["q"].values.tobytes() == run["q"].values.tobytes()
 
 
 def test_the_same_seed_gives_the_same_bytes(quick_qg, tmp_path):
