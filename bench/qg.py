@@ -62,11 +62,10 @@ def _cut(preset: str, args) -> str:
     so a run never overwrites results of another coarse-graining."""
     from data_pipeline.qg import load_qg_config
 
-    own = load_qg_config(preset, quick=args.quick).coarse_cutoff
     cut = args.coarse_cutoff
-    if not cut or (cut != "filter" and float(cut) == own):
+    if cut is None or cut == load_qg_config(preset, quick=args.quick).coarse_cutoff:
         return ""
-    return "-filter" if cut == "filter" else f"-k{float(cut):g}"
+    return "-filter" if cut == "filter" else f"-k{cut:g}"
 
 
 def _cli(argv: list[str]) -> None:
@@ -102,9 +101,9 @@ def prepare(preset: str, seed: int, args, **overrides) -> tuple[Path, object, di
     from data_pipeline.qg import QGBenchmark, load_qg_config
     from data_pipeline.qg_stores import generate_qg
 
-    cut = getattr(args, "coarse_cutoff", "")
-    if cut:
-        overrides = {**overrides, "coarse_cutoff": cut if cut == "filter" else float(cut)}
+    cut = getattr(args, "coarse_cutoff", None)  # "filter", a wavenumber or the preset's
+    if cut is not None:
+        overrides = {**overrides, "coarse_cutoff": cut}
 
     def store(overrides: dict) -> tuple[Path, object]:
         cfg = load_qg_config(
@@ -396,9 +395,11 @@ def main() -> None:
     args.modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := set(args.modes) - set(MODES):
         p.error(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    if args.coarse_cutoff not in ("", "filter"):
+    if args.coarse_cutoff in ("", "filter"):
+        args.coarse_cutoff = args.coarse_cutoff or None
+    else:
         try:
-            float(args.coarse_cutoff)
+            args.coarse_cutoff = float(args.coarse_cutoff)
         except ValueError:
             p.error(f"--coarse-cutoff: a wavenumber or 'filter', not {args.coarse_cutoff!r}")
     cut = _cut(args.presets.split(",")[0], args)

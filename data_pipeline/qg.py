@@ -75,9 +75,9 @@ class QGBenchmarkConfig:
     host_nx: int = 64
     # coarse-graining: None keeps every wavenumber the host grid resolves and applies the
     # host's filter (``"filter"`` in a file or override; stores made before the presets
-    # had a cut); a number K keeps |k| <= K
-    # cycles per domain only, a sharp cut below the band the filter damps (K <= 0.65
-    # host_nx / 2, its onset; the presets cut at 20, the quick versions at 10)
+    # had a cut); a number K keeps |k| <= K cycles per domain only, a sharp cut below
+    # the band the filter damps (K <= 0.65 host_nx / 2, its onset; the presets cut at
+    # 20, the quick versions at 10)
     coarse_cutoff: float | str | None = None
     # spin-up: on the host grid, then on the truth grid
     spinup_host_years: float = 5.0
@@ -313,8 +313,7 @@ class QGBenchmark:
         if self.config.coarse_cutoff is None:
             raise ConfigError("recut needs a coarse_cutoff")
         x = torch.from_numpy(np.asarray(coarse, dtype=np.float64))
-        n = self.config.host_nx
-        return torch.fft.irfft2(torch.fft.rfft2(x) * self.coarse_filter(), s=(n, n)).numpy()
+        return resample(x, self.config.host_nx, self.coarse_filter()).numpy()
 
 
 def filter_onset(n: int) -> float:

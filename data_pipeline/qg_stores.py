@@ -158,15 +158,15 @@ def generate_qg(
     )
     n = cfg.host_nx
     chunk = {"q": {"chunks": (256, 2, n, n)}}
+    if truth is not None and truth.shape != (cfg.n_cycles + 1, 2, n, n):
+        raise ConfigError(
+            f"the given truth has shape {truth.shape}, the config needs "
+            f"{(cfg.n_cycles + 1, 2, n, n)}"
+        )
+    source = "run" if truth is None else "given (derived from another store's truth)"
     with staged_directory(out, overwrite=overwrite) as stage:
-        given = None if truth is None else "given (derived from another store's truth)"
         if truth is None:
             truth = run_truth(cfg, rng_truth, progress)
-        elif truth.shape != (cfg.n_cycles + 1, 2, n, n):
-            raise ConfigError(
-                f"the given truth has shape {truth.shape}, the config needs "
-                f"{(cfg.n_cycles + 1, 2, n, n)}"
-            )
         k = cfg.coarse_cutoff
         cut = "host filter" if k is None else f"sharp isotropic cut at |k| <= {k:g}"
         times = np.round(np.arange(len(truth)) * cfg.obs_interval, 10)
@@ -201,7 +201,7 @@ def generate_qg(
                 coords,
                 cfg,
                 coarse_graining=f"spectral truncation {cfg.truth_nx}^2 -> {n}^2, {cut}",
-                truth_source="run" if given is None else given,
+                truth_source=source,
             ),
             stage / "truth.zarr",
             encoding=chunk,
